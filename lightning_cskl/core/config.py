@@ -1,0 +1,101 @@
+"""The engine's configuration: every option of the method, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Union
+
+from .projection import ProjectionCriterion
+from .selection import SelectionCriterion, validate_channel_ratio
+
+__all__ = ["CenterKernelConfig", "LayerSpec"]
+
+LayerSpec = Union[Literal["auto", "all"], str, list[str]]
+
+
+def _check_choice(name: str, value: object, allowed: tuple[object, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed: use one of {', '.join(repr(a) for a in allowed)}")
+
+
+@dataclass
+class CenterKernelConfig:
+    """Options of Center-Sensitive Kernel Optimization with Dynamic Channel Element Selection.
+
+    Args:
+        layers: which convolutions train their center. ``"auto"`` (default): the deepest quarter (at least
+            two) of the odd-kernel, ungrouped convolutions in registration order, since the center carries
+            the most knowledge in deeper layers; ``"all"``: every odd-kernel convolution, grouped and
+            depthwise included; a list of qualified module names; or a regular expression matched in full
+            against qualified names. A 1×1 convolution is all center: its whole weight trains in place.
+        channel_ratio: fraction of input channels per layer whose center weights may change in a task, (0, 1].
+        selection: how channels are chosen: ``"gradient"`` (DCES), ``"magnitude"`` or ``"random"``.
+        score_batches: optimizer steps at the start of a task that only accumulate DCES scores (their
+            updates are skipped, so no weight moves before the selection is made).
+        criterion: free subspace rule: ``"null_space"`` (λ ≤ θ·λ_min) or ``"energy"`` (protect ε energy).
+        null_space_factor: θ of the null-space rule (> 0).
+        energy: ε of the energy rule for the first incremental task, in [0, 1].
+        energy_step: added to ε per further task (GPM uses 0.003); ε is capped at 1.
+        project: False disables the null-space projection (channel masking only): the ablation
+            "center-only without projection".
+        mode: ``"decouple"`` rewires each k×k conv into frozen kernel + 1×1 center branch (cheap: only the
+            branch has a weight gradient); ``"mask"`` keeps the model as it is and masks the full weight's
+            update to the center (for models that cannot be rewired; same trajectory under plain SGD).
+        first_task: ``"full"``: the first task trains all parameters (the base session) and its
+            representations are recorded at its end; ``"center"``: every task, the first included, trains
+            only centers (use :meth:`CenterKernelLearner.record` to protect a pretrained model's knowledge).
+        train_also: modules trained fully besides the centers during incremental tasks: ``"auto"`` (every
+            ``nn.Linear``: the classifier head), a list of qualified names or a regex, or None.
+        freeze_batchnorm: keep every BatchNorm in eval mode with frozen statistics during incremental tasks.
+        seed: seed of the ``"random"`` selection.
+
+    Example:
+        >>> CenterKernelConfig(channel_ratio=0.5).channel_ratio
+        0.5
+        >>> CenterKernelConfig(channel_ratio=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: channel_ratio=0 is not allowed: it must be a number in (0, 1]
+    """
+
+    layers: LayerSpec = "auto"
+    channel_ratio: float = 0.75
+    selection: SelectionCriterion = "gradient"
+    score_batches: int = 8
+    criterion: ProjectionCriterion = "null_space"
+    null_space_factor: float = 5.0
+    energy: float = 0.97
+    energy_step: float = 0.003
+    project: bool = True
+    mode: Literal["decouple", "mask"] = "decouple"
+    first_task: Literal["full", "center"] = "full"
+    train_also: Union[str, list[str], None] = "auto"
+    freeze_batchnorm: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.channel_ratio = validate_channel_ratio(self.channel_ratio)
+        _check_choice("selection", self.selection, ("gradient", "magnitude", "random"))
+        _check_choice("criterion", self.criterion, ("null_space", "energy"))
+        _check_choice("mode", self.mode, ("decouple", "mask"))
+        _check_choice("first_task", self.first_task, ("full", "center"))
+        if not isinstance(self.score_batches, int) or self.score_batches < 1:
+            raise ValueError(f"score_batches={self.score_batches!r} is not allowed: it must be an int >= 1")
+        if not self.null_space_factor > 0:
+            raise ValueError(f"null_space_factor={self.null_space_factor!r} is not allowed: it must be > 0")
+        for name in ("energy", "energy_step"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value!r} is not allowed: it must lie in [0, 1]")
+        if isinstance(self.layers, (list, tuple)):
+            if not self.layers or not all(isinstance(n, str) for n in self.layers):
+                raise ValueError(f"layers={self.layers!r} is not allowed: a list must hold at least one module name")
+            self.layers = list(self.layers)
+        elif not isinstance(self.layers, str):
+            raise ValueError(
+                f"layers={self.layers!r} is not allowed: use 'auto', 'all', a list of module names or a regex"
+            )
+
+    def as_dict(self) -> dict:
+        """Plain-value copy, safe for checkpoints and loggers."""
+        return asdict(self)

@@ -1,0 +1,521 @@
+"""The per-task lifecycle that every front door drives.
+
+::
+
+    learner.bind(model)                 # resolve layers, rewire (structure only), keep original flags
+    learner.begin_task()                # freeze all but centers (+ head), keep BatchNorm frozen
+    handle = learner.attach_optimizer(optimizer)
+    for batch in task:                  # the framework's loop
+        loss.backward()
+        learner.mask_gradients()        # unselected channels / non-center taps get zero gradient
+        optimizer.step()                # step hooks: first `score_batches` steps only score (DCES),
+                                        # later steps are projected onto the free subspace
+    learner.end_task(run_forward)       # covariance of this task's center inputs, fold, unfreeze
+    handle.remove()
+
+Everything that must survive a checkpoint is in :meth:`CenterKernelLearner.state_dict` (tensors and plain
+values); projectors are rebuilt from it. The learner imports torch only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .center import CenterDecoupledConv, center_slice, decouple_center, fold_center, is_eligible_conv, set_submodule
+from .config import CenterKernelConfig
+from .covariance import CovarianceCollector
+from .projection import layer_projector, project_update
+from .selection import channel_scores, select_channels
+
+__all__ = ["CenterKernelLearner", "resolve_layers", "NoEligibleLayerError"]
+
+log = logging.getLogger(__name__)
+
+IDLE, BASE, SCORING, TRAINING = "idle", "base", "scoring", "training"
+
+
+class NoEligibleLayerError(ValueError):
+    """The layer specification selects no convolution that can train its center."""
+
+
+def _candidate_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Convolutions in registration order; a decoupled wrapper stands for its inner conv."""
+    found = []
+    wrapped: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, CenterDecoupledConv):
+            found.append((name, module))
+            wrapped.add(id(module.conv))
+        elif isinstance(module, nn.modules.conv._ConvNd) and id(module) not in wrapped:
+            found.append((name, module))
+    return found
+
+
+def _conv_of(module: nn.Module) -> nn.Module:
+    return module.conv if isinstance(module, CenterDecoupledConv) else module
+
+
+def _matches(spec: str | list[str], name: str) -> bool:
+    if isinstance(spec, list):
+        return name in spec
+    return re.fullmatch(spec, name) is not None
+
+
+def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
+    """Qualified names of the convolutions that ``layers`` selects, in registration order.
+
+    Raises:
+        NoEligibleLayerError: nothing eligible is selected, a listed name is not a convolution of the model,
+            or a selected convolution has an even kernel or is transposed.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))
+        >>> resolve_layers(net, "auto")
+        ['2', '3']
+        >>> resolve_layers(net, r"[02]")
+        ['0', '2']
+    """
+    convs = _candidate_convs(model)
+    eligible = [(n, m) for n, m in convs if isinstance(m, CenterDecoupledConv) or is_eligible_conv(m)]
+    if not eligible:
+        raise NoEligibleLayerError(
+            f"{type(model).__name__} has no convolution that can train its center: CsKO needs nn.Conv1d/2d/3d "
+            f"layers whose kernel is odd in every dimension (found {len(convs)} convolution(s), none eligible)"
+        )
+    if layers == "all":
+        return [n for n, _ in eligible]
+    if layers == "auto":
+        ungrouped = [n for n, m in eligible if _conv_of(m).groups == 1]
+        if not ungrouped:
+            raise NoEligibleLayerError(
+                f"layers='auto' found no ungrouped odd-kernel convolution in {type(model).__name__}; "
+                "pass layers='all' to train grouped/depthwise convolutions, or a list of names"
+            )
+        count = min(len(ungrouped), max(2, -(-len(ungrouped) // 4)))
+        return ungrouped[-count:]
+    names = {n for n, _ in convs}
+    if isinstance(layers, list):
+        missing = [n for n in layers if n not in names]
+        if missing:
+            shown = ", ".join(n for n, _ in eligible[:12]) + (" ..." if len(eligible) > 12 else "")
+            raise NoEligibleLayerError(
+                f"layers lists {missing} which are not convolutions of {type(model).__name__}; "
+                f"eligible convolutions are: {shown}"
+            )
+    chosen = [(n, m) for n, m in convs if _matches(layers, n)]
+    if not chosen:
+        shown = ", ".join(n for n, _ in eligible[:12]) + (" ..." if len(eligible) > 12 else "")
+        raise NoEligibleLayerError(
+            f"layers={layers!r} matches no convolution of {type(model).__name__} (a string other than 'auto' or "
+            f"'all' is a regex matched in full against qualified names); eligible convolutions are: {shown}"
+        )
+    for n, m in chosen:
+        if not (isinstance(m, CenterDecoupledConv) or is_eligible_conv(m)):
+            raise NoEligibleLayerError(
+                f"layer {n!r} ({type(m).__name__}, kernel_size={tuple(m.kernel_size)}) cannot train its center: "
+                "only nn.Conv1d/2d/3d with an odd kernel in every dimension are allowed"
+            )
+    return [n for n, _ in chosen]
+
+
+@dataclass
+class _Layer:
+    """What the learner knows about one trained layer; the live module is looked up by name."""
+
+    name: str
+    groups: int
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    in_place: bool  # the conv's own weight trains (1×1 conv, or mask mode)
+
+
+class CenterKernelLearner:
+    """The method, independent of any training framework.
+
+    Args:
+        config: the method's options (:class:`CenterKernelConfig`); keyword options may be given instead.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+        ...                     nn.Flatten(), nn.Linear(4 * 16, 2))
+        >>> learner = CenterKernelLearner(layers=["2"], first_task="center", score_batches=1)
+        >>> learner.bind(net)
+        >>> learner.begin_task()
+        >>> opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+        >>> handle = learner.attach_optimizer(opt)
+        >>> for _ in range(3):
+        ...     opt.zero_grad(); net(torch.randn(8, 1, 4, 4)).sum().backward()
+        ...     learner.mask_gradients(); opt.step()
+        >>> learner.end_task(lambda: net(torch.randn(8, 1, 4, 4)))
+        >>> handle.remove(); learner.tasks_seen
+        1
+    """
+
+    def __init__(self, config: Optional[CenterKernelConfig] = None, **options: Any) -> None:
+        if config is not None and options:
+            raise TypeError("pass either a CenterKernelConfig or keyword options, not both")
+        self.config = config if config is not None else CenterKernelConfig(**options)
+        self.model: Optional[nn.Module] = None
+        self.layers: dict[str, _Layer] = {}
+        # state that survives checkpoints
+        self.tasks_seen = 0
+        self.phase = IDLE
+        self.scored_batches = 0
+        self.covariances: dict[str, Tensor] = {}
+        self.score_sums: dict[str, Tensor] = {}
+        self.selected: dict[str, Tensor] = {}
+        # derived, rebuilt on demand
+        self.projectors: dict[str, Tensor] = {}
+        self.free_dims: dict[str, int] = {}
+        self.new_selection = False
+        self._flags: dict[int, bool] = {}
+        self._bn_handles: list[RemovableHandle] = []
+        self._snapshots: dict[str, Tensor] = {}
+        self._grad_masks: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ structure
+    def bind(self, model: nn.Module) -> None:
+        """Resolve the trained layers of ``model`` and rewire them (idempotent; structure depends only on config).
+
+        Raises:
+            NoEligibleLayerError: see :func:`resolve_layers`.
+        """
+        if self.model is model and self.layers:
+            return
+        names = resolve_layers(model, self.config.layers)
+        if self.covariances and set(self.covariances) != set(names):
+            raise ValueError(
+                f"the model's trained layers {names} differ from the layers this learner protects "
+                f"{sorted(self.covariances)}: bind the same architecture with the same `layers`"
+            )
+        self._flags = {id(p): p.requires_grad for p in model.parameters()}
+        self.layers = {}
+        for name in names:
+            module = model.get_submodule(name)
+            conv = _conv_of(module)
+            in_place = self.config.mode == "mask" or all(k == 1 for k in conv.kernel_size)
+            if not in_place and not isinstance(module, CenterDecoupledConv):
+                set_submodule(model, name, decouple_center(module))
+            self.layers[name] = _Layer(
+                name, conv.groups, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), in_place
+            )
+        self.model = model
+
+    def unbind(self) -> nn.Module:
+        """Fold every branch back, restore ``requires_grad`` and BatchNorm behaviour; return the plain model."""
+        model = self._require_model()
+        self._release_batchnorm()
+        for name in self.layers:
+            module = model.get_submodule(name)
+            if isinstance(module, CenterDecoupledConv):
+                set_submodule(model, name, fold_center(module))
+        for p in model.parameters():
+            if id(p) in self._flags:
+                p.requires_grad_(self._flags[id(p)])
+        self.model, self.layers, self.projectors, self._grad_masks = None, {}, {}, {}
+        return model
+
+    def trained_tensor(self, name: str) -> Tensor:
+        """The parameter that trains for layer ``name``: the branch center, or the conv weight in place."""
+        module = self._require_model().get_submodule(name)
+        return module.center if isinstance(module, CenterDecoupledConv) else module.weight
+
+    def _center_view(self, name: str, tensor: Tensor) -> Tensor:
+        layer = self.layers[name]
+        return tensor[center_slice(layer.kernel_size)] if layer.in_place else tensor
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that move in the current task (centers, plus ``train_also`` modules)."""
+        return [p for p in self._require_model().parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ task lifecycle
+    @property
+    def is_base_task(self) -> bool:
+        return self.tasks_seen == 0 and self.config.first_task == "full"
+
+    def begin_task(self) -> None:
+        """Enter a task: freeze, keep BatchNorm frozen, and choose channels (unless DCES must score first).
+
+        A task restored mid-way from :meth:`load_state_dict` continues where it stopped.
+        """
+        self._require_model()
+        if self.phase == IDLE:
+            self.score_sums, self.selected, self.scored_batches = {}, {}, 0
+            if self.is_base_task:
+                self.phase = BASE
+            elif self.config.selection == "gradient":
+                self.phase = SCORING
+            else:
+                self._select({})
+        elif self.phase == TRAINING:
+            self._build_projectors()
+        self.apply_trainability()
+
+    def apply_trainability(self) -> None:
+        """Set ``requires_grad`` for the current phase (idempotent, cheap)."""
+        model = self._require_model()
+        if self.phase in (IDLE, BASE):
+            for p in model.parameters():
+                p.requires_grad_(self._flags.get(id(p), True))
+            for name in self.layers:
+                module = model.get_submodule(name)
+                if isinstance(module, CenterDecoupledConv):
+                    # the kernel (center included) trains; the branch holds the original center, fixed
+                    module.center.requires_grad_(False)
+                    module.conv.weight.requires_grad_(self._flags.get(id(module.conv.weight), True))
+            self._release_batchnorm()
+            return
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in self._train_also_modules():
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(self._flags.get(id(p), True))
+        for name in self.layers:
+            self.trained_tensor(name).requires_grad_(True)
+        if self.config.freeze_batchnorm and not self._bn_handles:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+                    self._bn_handles.append(module.register_forward_pre_hook(_keep_eval))
+
+    def _train_also_modules(self) -> list[str]:
+        spec = self.config.train_also
+        if spec is None:
+            return []
+        model = self._require_model()
+        if spec == "auto":
+            return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        names = [n for n, _ in model.named_modules() if n and _matches(spec, n)]
+        if not names:
+            raise ValueError(f"train_also={spec!r} matches no module of {type(model).__name__}")
+        return names
+
+    def _release_batchnorm(self) -> None:
+        for handle in self._bn_handles:
+            handle.remove()
+        self._bn_handles = []
+        if self.model is not None:
+            training = self.model.training
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train(training)
+
+    def end_task(self, run_forward: Callable[[], Any], fold: bool = True) -> None:
+        """Record this task's center-input covariance, then fold and unfreeze.
+
+        Args:
+            run_forward: runs the model over (a representative part of) the task's data; it is called once
+                in eval mode under ``torch.no_grad()`` while forward hooks collect center inputs.
+            fold: merge branches back into the kernels (the model is plain again).
+        """
+        self.record(run_forward)
+        self.phase = IDLE
+        self.score_sums, self.projectors, self._grad_masks, self._snapshots = {}, {}, {}, {}
+        if fold:
+            self.unbind()
+        else:
+            self.apply_trainability()
+
+    def record(self, run_forward: Callable[[], Any]) -> None:
+        """Add the center-input covariance of the data that ``run_forward`` feeds through the model.
+
+        Call it directly to protect what a pretrained model knows (a base task learned elsewhere).
+        """
+        model = self._require_model()
+        collector = CovarianceCollector({n: model.get_submodule(n) for n in self.layers})
+        was_training = model.training
+        model.eval()
+        try:
+            with collector.hooked(), torch.no_grad():
+                run_forward()
+        finally:
+            model.train(was_training)
+        for name, cov in collector.covariances().items():
+            cov = cov.detach().cpu()
+            self.covariances[name] = self.covariances[name] + cov if name in self.covariances else cov
+        self.tasks_seen += 1
+
+    # ------------------------------------------------------------------ selection & projection
+    def _select(self, score_sums: dict[str, Tensor]) -> None:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed + 7919 * self.tasks_seen)
+        self.selected = {}
+        for name, layer in self.layers.items():
+            if cfg.selection == "gradient":
+                scores = channel_scores(score_sums[name], layer.groups)
+            elif cfg.selection == "magnitude":
+                scores = channel_scores(self._center_view(name, self.trained_tensor(name)), layer.groups)
+            else:
+                scores = torch.rand(layer.in_channels, generator=generator)
+            self.selected[name] = select_channels(scores.cpu(), cfg.channel_ratio)
+        self.phase = TRAINING
+        self._build_projectors()
+        self.new_selection = True
+
+    def _build_projectors(self) -> None:
+        cfg = self.config
+        energy = min(1.0, cfg.energy + cfg.energy_step * max(0, self.tasks_seen - 1))
+        self.projectors, self.free_dims, self._grad_masks = {}, {}, {}
+        for name, layer in self.layers.items():
+            tensor = self.trained_tensor(name)
+            cg = layer.in_channels // layer.groups
+            selected = self.selected[name]
+            if cfg.project and name in self.covariances:
+                projector, free = layer_projector(
+                    self.covariances[name], selected, cfg.criterion, cfg.null_space_factor, energy
+                )
+            else:
+                projector = torch.diag_embed(selected.reshape(layer.groups, cg).to(torch.float32))
+                free = selected.reshape(layer.groups, cg).sum(1)
+            self.projectors[name] = projector.to(device=tensor.device, dtype=tensor.dtype)
+            self.free_dims[name] = int(free.sum())
+            column_mask = selected.reshape(layer.groups, 1, cg).to(device=tensor.device, dtype=tensor.dtype)
+            self._grad_masks[name] = column_mask
+
+    def selection_stats(self) -> dict[str, float]:
+        """Per layer: number of selected channels and free-subspace dimension (for loggers)."""
+        stats: dict[str, float] = {}
+        for name, mask in self.selected.items():
+            stats[f"cskl/{name}/selected_channels"] = float(mask.sum())
+            if name in self.free_dims:
+                stats[f"cskl/{name}/free_dim"] = float(self.free_dims[name])
+        return stats
+
+    # ------------------------------------------------------------------ per step
+    def mask_gradients(self) -> None:
+        """Zero gradients of unselected channels and of non-center taps (call after backward)."""
+        if self.phase != TRAINING:
+            return
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                tensor = self.trained_tensor(name)
+                if tensor.grad is None:
+                    continue
+                grad = tensor.grad
+                if layer.in_place and any(k > 1 for k in layer.kernel_size):
+                    center = grad[center_slice(layer.kernel_size)].clone()
+                    grad.zero_()
+                    grad[center_slice(layer.kernel_size)] = center
+                    grad = grad[center_slice(layer.kernel_size)]
+                d, cg = grad.shape[:2]
+                grad.view(layer.groups, d // layer.groups, cg).mul_(self._grad_masks[name])
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "_OptimizerHandle":
+        """Hook ``optimizer.step`` so that each step is scored (DCES) or projected; remove the handle after."""
+        return _OptimizerHandle(
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()),
+        )
+
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.phase == SCORING:
+            with torch.no_grad():
+                for name in self.layers:
+                    tensor = self.trained_tensor(name)
+                    if tensor.grad is None:
+                        continue
+                    grad = self._center_view(name, tensor.grad).detach().to(torch.float64)
+                    self.score_sums[name] = self.score_sums[name] + grad if name in self.score_sums else grad.clone()
+            self.scored_batches += 1
+            # a scoring step moves nothing: optimizers skip parameters without a gradient
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            if self.scored_batches >= self.config.score_batches:
+                missing = [n for n in self.layers if n not in self.score_sums]
+                if missing:
+                    raise RuntimeError(
+                        f"layers {missing} received no gradient while DCES scored channels: they are not used in "
+                        "the loss, or the optimizer was built before the learner froze the model"
+                    )
+                self._select(self.score_sums)
+                self.score_sums = {}
+        elif self.phase == TRAINING:
+            self._snapshots = {n: self.trained_tensor(n).detach().clone() for n in self.layers}
+
+    def _after_step(self) -> None:
+        if self.phase != TRAINING or not self._snapshots:
+            return
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                tensor = self.trained_tensor(name)
+                before = self._snapshots[name]
+                center_now = self._center_view(name, tensor)
+                center_before = self._center_view(name, before)
+                step = project_update(center_now - center_before, self.projectors[name])
+                if layer.in_place and any(k > 1 for k in layer.kernel_size):
+                    tensor.copy_(before)  # non-center taps never move
+                    center_now = self._center_view(name, tensor)
+                center_now.copy_(center_before + step)
+        self._snapshots = {}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "config": self.config.as_dict(),
+            "tasks_seen": self.tasks_seen,
+            "phase": self.phase,
+            "scored_batches": self.scored_batches,
+            "covariances": {n: t.detach().cpu() for n, t in self.covariances.items()},
+            "score_sums": {n: t.detach().cpu() for n, t in self.score_sums.items()},
+            "selected": {n: t.detach().cpu() for n, t in self.selected.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; projectors are rebuilt when the task continues."""
+        if state.get("config", {}).get("layers", self.config.layers) != self.config.layers:
+            raise ValueError(
+                f"checkpoint was made with layers={state['config']['layers']!r}, this learner has "
+                f"layers={self.config.layers!r}"
+            )
+        self.tasks_seen = int(state["tasks_seen"])
+        self.phase = str(state["phase"])
+        self.scored_batches = int(state["scored_batches"])
+        self.covariances = dict(state["covariances"])
+        self.score_sums = dict(state["score_sums"])
+        self.selected = dict(state["selected"])
+        self.projectors = {}
+        if self.model is not None and self.layers:
+            device = next(iter(self.model.parameters())).device
+            self.score_sums = {n: t.to(device) for n, t in self.score_sums.items()}
+            self.apply_trainability()
+
+    def abort_task(self) -> None:
+        """Forget an unfinished task (after an exception); the model stays as it is, hooks are removed."""
+        self.phase = IDLE
+        self.score_sums, self.projectors, self._snapshots = {}, {}, {}
+        self._release_batchnorm()
+
+    def projection_state_bytes(self) -> int:
+        """Bytes kept for the projection: covariances, projectors and channel masks."""
+        tensors = [*self.covariances.values(), *self.projectors.values(), *self.selected.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("the learner is not bound to a model: call bind(model) first")
+        return self.model
+
+
+class _OptimizerHandle:
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _keep_eval(module: nn.Module, args: Iterable[Tensor]) -> None:
+    # frameworks call model.train() at every epoch; a frozen BatchNorm must stay in eval mode regardless
+    module.training = False

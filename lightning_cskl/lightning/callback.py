@@ -1,0 +1,192 @@
+"""CenterKernelCallback: Lightning hooks mapped onto :class:`~lightning_cskl.core.CenterKernelLearner`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
+
+import lightning.pytorch as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from ..core import CenterKernelConfig, CenterKernelLearner
+
+__all__ = ["CenterKernelCallback", "default_batch_input"]
+
+_REFUSED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
+
+
+def default_batch_input(batch: Any) -> Any:
+    """The model input of a batch: the batch if it is a tensor, its first element if a tuple or list,
+    or its ``"x"``/``"input"``/``"image"`` entry if a mapping."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("x", "input", "image"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(
+        f"cannot find the model input in a batch of type {type(batch).__name__}: pass "
+        "CenterKernelCallback(forward_fn=lambda module, batch: ...) to say how the model reads a batch"
+    )
+
+
+def _default_forward(module: torch.nn.Module, batch: Any) -> Any:
+    return module(default_batch_input(batch))
+
+
+class CenterKernelCallback(Callback):
+    """Train only the center elements of conv kernels, on the input channels DCES selects, in directions old
+    tasks do not use.
+
+    Use one instance for a sequence of tasks, with one Trainer per task:
+
+    * ``setup``: rewires the chosen convolutions (center → 1×1 branch) and freezes everything else, before
+      ``configure_optimizers`` runs, so build the optimizer from ``self.parameters()`` as usual;
+    * ``on_before_optimizer_step``: masks gradients; the optimizer's own step hooks make the first
+      ``score_batches`` steps of a task score channels (no weight moves) and project every later update
+      onto the free subspace of old-task center inputs, whatever the optimizer;
+    * ``on_train_end``: records this task's center-input covariance from the training data and folds the
+      branches back, so between tasks the model has its original architecture.
+
+    The first task trains all parameters (``first_task="full"``, the base session) unless told otherwise.
+
+    Args:
+        config: a :class:`~lightning_cskl.core.CenterKernelConfig`; or give its fields as keyword options.
+            Layer names are qualified names inside the LightningModule (e.g. ``"net.layer4.1.conv2"``).
+        forward_fn: ``(module, batch) -> output`` used for the covariance pass at the end of a task;
+            the default calls the module on the batch's first element.
+        log_stats: log per layer the selected channels and free-subspace dimension through the loggers.
+
+    Example:
+        >>> cb = CenterKernelCallback(channel_ratio=0.75)
+        >>> # for task in tasks:
+        >>> #     trainer = L.Trainer(max_epochs=5, callbacks=[cb]); trainer.fit(model, task_loader)
+    """
+
+    def __init__(
+        self,
+        config: Optional[CenterKernelConfig] = None,
+        *,
+        forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
+        log_stats: bool = True,
+        **options: Any,
+    ) -> None:
+        self.learner = CenterKernelLearner(config, **options)
+        self.forward_fn = forward_fn or _default_forward
+        self.log_stats = log_stats
+        self._optimizer_handles: list[Any] = []
+
+    @property
+    def config(self) -> CenterKernelConfig:
+        return self.learner.config
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(trainer.strategy).__name__
+        if name in _REFUSED_STRATEGIES:
+            raise ValueError(
+                f"CenterKernelCallback does not support strategy {name}: it rewires and projects whole, unsharded "
+                "parameters. Use strategy='auto', 'ddp', 'ddp_spawn' or a single device."
+            )
+        self.learner.bind(pl_module)
+        self.learner.begin_task()
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.learner.begin_task()  # continues a task restored from a checkpoint; builds projectors on device
+        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = [n for n in self.learner.layers if id(self.learner.trained_tensor(n)) not in held]
+        if missing and not self.learner.is_base_task:
+            raise ValueError(
+                f"the optimizer does not hold the center parameters of layers {missing}: build it in "
+                "configure_optimizers from self.parameters() (the callback creates them in setup)"
+            )
+        self._remove_optimizer_hooks()
+        self._optimizer_handles = [self.learner.attach_optimizer(opt) for opt in trainer.optimizers]
+        if self.learner.new_selection:
+            self._log_selection(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.learner.mask_gradients()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.learner.new_selection:
+            self._log_selection(trainer)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_optimizer_hooks()
+        loader = trainer.train_dataloader
+        device = pl_module.device
+
+        def run_forward() -> None:
+            for batch in loader:
+                batch = trainer.strategy.batch_to_device(batch, device)
+                self.forward_fn(pl_module, batch)
+
+        self.learner.end_task(run_forward)
+        rank_zero_info(f"CenterKernelCallback: task {self.learner.tasks_seen} done, branches folded back")
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove_optimizer_hooks()
+        self.learner.abort_task()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_optimizer_hooks()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state_dict)
+
+    def record(self, model: torch.nn.Module, dataloader: Any) -> None:
+        """Protect what a pretrained ``model`` knows: record its center-input covariance on ``dataloader``
+        (its base-task data) without training. The next fit is then an incremental task.
+
+        Example:
+            >>> # cb = CenterKernelCallback(); cb.record(pretrained_module, base_loader)
+        """
+        self.learner.bind(model)
+        device = next(model.parameters()).device
+
+        def run_forward() -> None:
+            for batch in dataloader:
+                self.forward_fn(model, move_data_to_device(batch, device))
+
+        self.learner.record(run_forward)
+        self.learner.unbind()
+
+    def _log_selection(self, trainer: L.Trainer) -> None:
+        self.learner.new_selection = False
+        if not self.log_stats:
+            return
+        stats = self.learner.selection_stats()
+        stats["cskl/task"] = float(self.learner.tasks_seen)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(stats, step=trainer.global_step)
+
+    def _remove_optimizer_hooks(self) -> None:
+        for handle in self._optimizer_handles:
+            handle.remove()
+        self._optimizer_handles = []
