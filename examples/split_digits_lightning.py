@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--scenario", choices=("task", "class"), default="task")
     parser.add_argument("--naive", action="store_true", help="plain fine-tuning, no callback (for comparison)")
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
     tasks = split_digits(n_tasks=5, seed=args.seed)
     cnn = SmallCNN(width=16)
     model = TaskClassifier(cnn.features, cnn.feature_dim, n_tasks=5, classes_per_task=2, scenario=args.scenario,
-                           lr=3e-3)
+                           lr=args.lr)
     callback = CenterKernelCallback(score_batches=4)
     logger = WandbLogger(project="lightning_cskl", name=f"split-digits-{'naive' if args.naive else 'cskl'}",
                          offline=True)

@@ -34,6 +34,8 @@ class CenterKernelConfig:
             updates are skipped, so no weight moves before the selection is made).
         criterion: free subspace rule: ``"null_space"`` (λ ≤ θ·λ_min) or ``"energy"`` (protect ε energy).
         null_space_factor: θ of the null-space rule (> 0).
+        null_space_reference: ``"layer"`` (default): θ·λ_min uses the layer's whole covariance, so selecting
+            fewer channels never loosens the protection; ``"selected"``: λ_min of ``Σ[S, S]``.
         energy: ε of the energy rule for the first incremental task, in [0, 1].
         energy_step: added to ε per further task (GPM uses 0.003); ε is capped at 1.
         project: False disables the null-space projection (channel masking only): the ablation
@@ -64,6 +66,7 @@ class CenterKernelConfig:
     score_batches: int = 8
     criterion: ProjectionCriterion = "null_space"
     null_space_factor: float = 5.0
+    null_space_reference: Literal["layer", "selected"] = "layer"
     energy: float = 0.97
     energy_step: float = 0.003
     project: bool = True
@@ -77,6 +80,7 @@ class CenterKernelConfig:
         self.channel_ratio = validate_channel_ratio(self.channel_ratio)
         _check_choice("selection", self.selection, ("gradient", "magnitude", "random"))
         _check_choice("criterion", self.criterion, ("null_space", "energy"))
+        _check_choice("null_space_reference", self.null_space_reference, ("layer", "selected"))
         _check_choice("mode", self.mode, ("decouple", "mask"))
         _check_choice("first_task", self.first_task, ("full", "center"))
         if not isinstance(self.score_batches, int) or self.score_batches < 1:

@@ -7,9 +7,9 @@
     handle = learner.attach_optimizer(optimizer)
     for batch in task:                  # the framework's loop
         loss.backward()
-        learner.mask_gradients()        # unselected channels / non-center taps get zero gradient
-        optimizer.step()                # step hooks: first `score_batches` steps only score (DCES),
-                                        # later steps are projected onto the free subspace
+        learner.before_update()         # first `score_batches` steps: DCES scores, gradients dropped;
+                                        # later: unselected channels / non-center taps get zero gradient
+        optimizer.step()                # step hooks project every center update onto the free subspace
     learner.end_task(run_forward)       # covariance of this task's center inputs, fold, unfreeze
     handle.remove()
 
@@ -154,7 +154,7 @@ class CenterKernelLearner:
         >>> handle = learner.attach_optimizer(opt)
         >>> for _ in range(3):
         ...     opt.zero_grad(); net(torch.randn(8, 1, 4, 4)).sum().backward()
-        ...     learner.mask_gradients(); opt.step()
+        ...     learner.before_update(); opt.step()
         >>> learner.end_task(lambda: net(torch.randn(8, 1, 4, 4)))
         >>> handle.remove(); learner.tasks_seen
         1
@@ -371,7 +371,8 @@ class CenterKernelLearner:
             selected = self.selected[name]
             if cfg.project and name in self.covariances:
                 projector, free = layer_projector(
-                    self.covariances[name], selected, cfg.criterion, cfg.null_space_factor, energy
+                    self.covariances[name], selected, cfg.criterion, cfg.null_space_factor, energy,
+                    cfg.null_space_reference,
                 )
             else:
                 projector = torch.diag_embed(selected.reshape(layer.groups, cg).to(torch.float32))
@@ -391,10 +392,48 @@ class CenterKernelLearner:
         return stats
 
     # ------------------------------------------------------------------ per step
-    def mask_gradients(self) -> None:
-        """Zero gradients of unselected channels and of non-center taps (call after backward)."""
-        if self.phase != TRAINING:
-            return
+    def before_update(self) -> None:
+        """Call after backward and before ``optimizer.step()`` (gradients final: averaged, unscaled).
+
+        While DCES scores a task, it adds the center gradients to the channel scores and drops every
+        gradient, so the step that follows moves nothing (optimizers skip parameters without a gradient);
+        a step with non-finite gradients (one the AMP scaler will skip) is not counted. Afterwards it zeroes
+        the gradients of unselected channels and non-center taps.
+        """
+        if self.phase == SCORING:
+            self._score_step()
+        elif self.phase == TRAINING:
+            self._mask_gradients()
+
+    mask_gradients = before_update  # old name, kept while callers move over
+
+    def _score_step(self) -> None:
+        model = self._require_model()
+        with torch.no_grad():
+            grads = {}
+            for name in self.layers:
+                grad = self.trained_tensor(name).grad
+                if grad is not None:
+                    grads[name] = self._center_view(name, grad).detach().to(torch.float64)
+            finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
+            for p in model.parameters():
+                p.grad = None
+            if not finite:
+                return
+            for name, grad in grads.items():
+                self.score_sums[name] = self.score_sums[name] + grad if name in self.score_sums else grad
+        self.scored_batches += 1
+        if self.scored_batches >= self.config.score_batches:
+            missing = [n for n in self.layers if n not in self.score_sums]
+            if missing:
+                raise RuntimeError(
+                    f"layers {missing} received no gradient while DCES scored channels: they are not used in "
+                    "the loss, or the optimizer was built before the learner froze the model"
+                )
+            self._select(self.score_sums)
+            self.score_sums = {}
+
+    def _mask_gradients(self) -> None:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 tensor = self.trained_tensor(name)
@@ -410,36 +449,18 @@ class CenterKernelLearner:
                 grad.view(layer.groups, d // layer.groups, cg).mul_(self._grad_masks[name])
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "_OptimizerHandle":
-        """Hook ``optimizer.step`` so that each step is scored (DCES) or projected; remove the handle after."""
+        """Hook ``optimizer.step`` so that every update of a center is projected; remove the handle after.
+
+        The pre-hook only snapshots the centers (optimizers that take a closure compute gradients inside
+        ``step``, after the pre-hook), the post-hook replaces the step by its projection.
+        """
         return _OptimizerHandle(
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt)),
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()),
         )
 
-    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.phase == SCORING:
-            with torch.no_grad():
-                for name in self.layers:
-                    tensor = self.trained_tensor(name)
-                    if tensor.grad is None:
-                        continue
-                    grad = self._center_view(name, tensor.grad).detach().to(torch.float64)
-                    self.score_sums[name] = self.score_sums[name] + grad if name in self.score_sums else grad.clone()
-            self.scored_batches += 1
-            # a scoring step moves nothing: optimizers skip parameters without a gradient
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-            if self.scored_batches >= self.config.score_batches:
-                missing = [n for n in self.layers if n not in self.score_sums]
-                if missing:
-                    raise RuntimeError(
-                        f"layers {missing} received no gradient while DCES scored channels: they are not used in "
-                        "the loss, or the optimizer was built before the learner froze the model"
-                    )
-                self._select(self.score_sums)
-                self.score_sums = {}
-        elif self.phase == TRAINING:
+    def _before_step(self) -> None:
+        if self.phase == TRAINING:
             self._snapshots = {n: self.trained_tensor(n).detach().clone() for n in self.layers}
 
     def _after_step(self) -> None:

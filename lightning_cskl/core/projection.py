@@ -7,14 +7,19 @@ subspace); an update ``ΔW[:, S] ← ΔW[:, S] · U_free U_freeᵀ`` then change
 
 Two criteria choose the free eigenvectors:
 
-* ``"null_space"`` (Adam-NSCL): ``λ ≤ θ · λ_min`` (plus a numerical floor ``rtol · λ_max``).
+* ``"null_space"`` (Adam-NSCL): ``λ ≤ θ · λ_min`` (plus a numerical floor ``rtol · λ_max``). By default
+  ``λ_min`` and ``λ_max`` are those of the layer's whole covariance, not of ``Σ[S, S]``: eigenvalues of a
+  principal submatrix are never below the whole matrix's ``λ_min``, so a relative threshold on ``Σ[S, S]``
+  would loosen the protection exactly when fewer channels are selected (measured on Split Digits: average
+  forgetting 0.083 with the submatrix's ``λ_min``, 0.051 with the layer's, same accuracy).
+  ``null_space_reference="selected"`` gives the submatrix rule.
 * ``"energy"`` (GPM): protect the largest eigenvectors that together hold a fraction ``ε`` of the energy;
   the rest are free.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -28,7 +33,11 @@ NULL_SPACE_RTOL = 1e-6
 
 
 def free_basis(
-    cov: Tensor, criterion: ProjectionCriterion = "null_space", null_space_factor: float = 5.0, energy: float = 0.97
+    cov: Tensor,
+    criterion: ProjectionCriterion = "null_space",
+    null_space_factor: float = 5.0,
+    energy: float = 0.97,
+    reference: Optional[tuple[float, float]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Orthonormal basis of the free subspace of a symmetric PSD matrix.
 
@@ -37,6 +46,7 @@ def free_basis(
         criterion: ``"null_space"`` or ``"energy"``.
         null_space_factor: θ of the null-space criterion (free if ``λ ≤ θ λ_min``).
         energy: ε of the energy criterion (fraction of energy protected), in [0, 1].
+        reference: ``(λ_min, λ_max)`` the null-space threshold is relative to; default: those of ``cov``.
 
     Returns:
         ``(basis, eigenvalues)``: ``basis`` of shape ``(n, r)`` (columns orthonormal) and all ``n``
@@ -58,7 +68,8 @@ def free_basis(
     if top <= 0:
         return eigenvectors, eigenvalues
     if criterion == "null_space":
-        threshold = torch.maximum(null_space_factor * eigenvalues[0], NULL_SPACE_RTOL * top)
+        low, high = (eigenvalues[0].item(), top.item()) if reference is None else reference
+        threshold = max(null_space_factor * low, NULL_SPACE_RTOL * high)
         free = eigenvalues <= threshold
     elif criterion == "energy":
         # ascending order: the free ones are the smallest whose energy adds up to at most 1 - ε
@@ -75,6 +86,7 @@ def layer_projector(
     criterion: ProjectionCriterion = "null_space",
     null_space_factor: float = 5.0,
     energy: float = 0.97,
+    null_space_reference: Literal["layer", "selected"] = "layer",
 ) -> tuple[Tensor, Tensor]:
     """Per-group projection matrices that keep only allowed directions of selected channels.
 
@@ -82,6 +94,8 @@ def layer_projector(
         cov: ``(groups, C/g, C/g)`` covariance of old-task center inputs.
         selected: ``(C,)`` boolean channel mask.
         criterion, null_space_factor, energy: see :func:`free_basis`.
+        null_space_reference: ``"layer"``: the null-space threshold is relative to the eigenvalues of the
+            group's whole covariance; ``"selected"``: to those of ``Σ[S, S]``.
 
     Returns:
         ``(projector, free_dims)``: ``projector`` of shape ``(groups, C/g, C/g)``, zero in rows and columns
@@ -96,7 +110,11 @@ def layer_projector(
         index = selected[g].nonzero().squeeze(1)
         if index.numel() == 0:
             continue
-        basis, _ = free_basis(cov[g][index][:, index], criterion, null_space_factor, energy)
+        reference = None
+        if criterion == "null_space" and null_space_reference == "layer":
+            whole = torch.linalg.eigvalsh(cov[g].to(torch.float64)).clamp_min(0)
+            reference = (whole[0].item(), whole[-1].item())
+        basis, _ = free_basis(cov[g][index][:, index], criterion, null_space_factor, energy, reference)
         free_dims[g] = basis.shape[1]
         projector[g][index.unsqueeze(1), index.unsqueeze(0)] = basis @ basis.T
     return projector.to(cov.dtype), free_dims

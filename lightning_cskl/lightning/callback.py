@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
 
-__all__ = ["CenterKernelCallback", "default_batch_input"]
+__all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input"]
 
 _REFUSED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
 
@@ -35,6 +35,16 @@ def default_batch_input(batch: Any) -> Any:
         f"cannot find the model input in a batch of type {type(batch).__name__}: pass "
         "CenterKernelCallback(forward_fn=lambda module, batch: ...) to say how the model reads a batch"
     )
+
+
+def check_strategy(strategy: object) -> None:
+    """Refuse strategies that shard parameters: the method rewires and projects whole parameters."""
+    name = type(strategy).__name__
+    if name in _REFUSED_STRATEGIES:
+        raise ValueError(
+            f"CenterKernelCallback does not support strategy {name}: it rewires and projects whole, unsharded "
+            "parameters. Use strategy='auto', 'ddp', 'ddp_spawn' or a single device."
+        )
 
 
 def _default_forward(module: torch.nn.Module, batch: Any) -> Any:
@@ -91,12 +101,7 @@ class CenterKernelCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if name in _REFUSED_STRATEGIES:
-            raise ValueError(
-                f"CenterKernelCallback does not support strategy {name}: it rewires and projects whole, unsharded "
-                "parameters. Use strategy='auto', 'ddp', 'ddp_spawn' or a single device."
-            )
+        check_strategy(trainer.strategy)
         self.learner.bind(pl_module)
         self.learner.begin_task()
 
@@ -119,7 +124,7 @@ class CenterKernelCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self.learner.mask_gradients()
+        self.learner.before_update()
 
     @override
     def on_train_batch_end(

@@ -1,0 +1,237 @@
+"""CSKLStrategy on real tiny Avalanche runs (Split Digits): both scenarios, the margin over Naive, frozen
+parameters that never move, resume after a crash, W&B offline files, clear errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from avalanche.benchmarks import benchmark_from_datasets
+from avalanche.benchmarks.utils import DataAttribute
+from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_cskl.avalanche import (
+    ClassIncrementalNet,
+    CSKLPlugin,
+    CSKLStrategy,
+    EmptyExperienceError,
+    NoDataError,
+    TaskIncrementalNet,
+    WandbLogger,
+    load_checkpoint,
+    read_offline_run,
+    run_continual,
+)
+from lightning_cskl.core import NoEligibleLayerError
+from lightning_cskl.data import split_digits, split_digits_benchmark
+from lightning_cskl.models import SmallCNN
+
+warnings.filterwarnings("ignore", message="No loggers specified")
+
+# Margins measured with these settings (seed 0, 2 CPU threads); see the asserts for the values.
+EPOCHS, BATCH = 8, 32
+CLASS_LR, TASK_LR = 1e-3, 3e-3
+
+
+def _factory(scenario: str, method: str, plugins=(), **options):
+    def build(evaluator):
+        torch.manual_seed(0)
+        net = ClassIncrementalNet if scenario == "class" else TaskIncrementalNet
+        model = net(SmallCNN(10, width=16).features, 32, initial_classes=2)
+        optimizer = torch.optim.Adam(model.parameters(), CLASS_LR if scenario == "class" else TASK_LR)
+        common = dict(model=model, optimizer=optimizer, train_mb_size=BATCH, train_epochs=EPOCHS, eval_mb_size=512,
+                      evaluator=evaluator, plugins=list(plugins))
+        if method == "naive":
+            return Naive(**common)
+        return CSKLStrategy(**common, **options)
+
+    return build
+
+
+class FrozenStaysFrozen(SupervisedPlugin):
+    """Checks, in every incremental experience, that what the learner froze never moves although Avalanche's
+    make_optimizer put it (back) into the optimizer, and that the optimizer starts from an empty state."""
+
+    def __init__(self):
+        super().__init__()
+        self.checked = 0
+
+    def before_training_epoch(self, strategy, **kwargs):
+        learner = strategy.cskl.learner
+        if learner.is_base_task or strategy.clock.train_exp_epochs != 0:
+            return
+        held = [p for group in strategy.optimizer.param_groups for p in group["params"]]
+        self.frozen = [(n, p, p.detach().clone()) for n, p in strategy.model.named_parameters() if not p.requires_grad]
+        self.buffers = [(n, b, b.detach().clone()) for n, b in strategy.model.named_buffers()]
+        assert self.frozen, "an incremental experience must freeze most parameters"
+        for name, param, _ in self.frozen:  # by identity: equal values would prove nothing (STYLE.md #2)
+            assert any(param is q for q in held), f"make_optimizer should hold frozen {name}"
+        self.centers = {n: learner.trained_tensor(n) for n in learner.layers}
+        self.center_values = {n: t.detach().clone() for n, t in self.centers.items()}
+        for name, center in self.centers.items():
+            assert any(center is q for q in held), f"the optimizer lacks the center of {name}"
+        assert len(strategy.optimizer.state) == 0, "the optimizer state must be reset at each experience"
+
+    def after_training_exp(self, strategy, **kwargs):  # runs before CSKLPlugin folds the branches back
+        if strategy.cskl.learner.is_base_task:
+            return
+        for name, param, before in self.frozen:
+            assert torch.equal(param, before), f"frozen parameter {name} moved"
+        for name, buffer, before in self.buffers:
+            assert torch.equal(buffer, before), f"buffer {name} (BatchNorm statistics) moved"
+        assert any(not torch.equal(self.centers[n], self.center_values[n]) for n in self.centers), "no center moved"
+        self.checked += 1
+
+
+class CrashBefore(SupervisedPlugin):
+    def __init__(self, experience: int):
+        super().__init__()
+        self.experience = experience
+
+    def before_training_exp(self, strategy, **kwargs):
+        if strategy.experience.current_experience == self.experience:
+            raise KeyboardInterrupt(f"simulated crash before experience {self.experience}")
+
+
+def _old_task_accuracy(result) -> float:
+    last = result.accuracy[-1]
+    return sum(last[:-1]) / (len(last) - 1)
+
+
+@pytest.fixture(scope="module")
+def class_runs(tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("class") / "run.pt"
+    cskl = run_continual(split_digits_benchmark("class"), _factory("class", "cskl"), checkpoint=checkpoint,
+                         progress=False)
+    naive = run_continual(split_digits_benchmark("class"), _factory("class", "naive"), progress=False)
+    return cskl, naive, checkpoint
+
+
+@pytest.fixture(scope="module")
+def task_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("task")
+    logger = WandbLogger(project="cskl-tests", name="task-il", dir=folder, config={"scenario": "task"})
+    checker = FrozenStaysFrozen()
+    try:
+        cskl = run_continual(split_digits_benchmark("task"), _factory("task", "cskl", plugins=[checker]),
+                             loggers=[logger], progress=False)
+    finally:
+        logger.finish()
+    naive = run_continual(split_digits_benchmark("task"), _factory("task", "naive"), progress=False)
+    return cskl, naive, checker, logger.run_dir
+
+
+def test_class_incremental_beats_naive_on_old_tasks(class_runs):
+    cskl, naive, _ = class_runs
+    assert cskl.completed == cskl.total == 4 and len(cskl.accuracy[-1]) == 4
+    # measured: CSKL 0.73 (0.88, 0.69, 0.63) vs Naive 0.01 on the old experiences after the last one
+    assert _old_task_accuracy(cskl) > _old_task_accuracy(naive) + 0.45
+    assert cskl.accuracy[-1][0] > 0.8  # the base session survives three incremental experiences
+    assert cskl.summary["forgetting"] < 0.15 < naive.summary["forgetting"]
+
+
+def test_task_incremental_keeps_old_tasks_and_frozen_parameters_never_move(task_runs):
+    cskl, naive, checker, _ = task_runs
+    assert cskl.completed == 5 and checker.checked == 4
+    # measured: the base task stays at 1.00 with CSKL and drops to about 0.5 with Naive; forgetting 0.00 vs 0.26
+    assert cskl.accuracy[-1][0] == pytest.approx(cskl.accuracy[0][0], abs=0.01)
+    assert cskl.accuracy[-1][0] > naive.accuracy[-1][0] + 0.2
+    assert cskl.summary["forgetting"] < 0.02 and naive.summary["forgetting"] > 0.1
+    assert all(cskl.accuracy[i][i] > 0.55 for i in range(5))  # every task learned something (chance: 0.5)
+
+
+def test_resume_after_a_crash_ends_with_the_same_metrics(class_runs, tmp_path):
+    uninterrupted, _, finished_checkpoint = class_runs
+    checkpoint = tmp_path / "run.pt"
+    bm = split_digits_benchmark("class")
+    with pytest.raises(KeyboardInterrupt, match="simulated crash before experience 2"):
+        run_continual(bm, _factory("class", "cskl", plugins=[CrashBefore(2)]), checkpoint=checkpoint, progress=False)
+    state = load_checkpoint(checkpoint)  # weights_only=True inside
+    assert state["next_experience"] == 2 and len(state["accuracy"]) == 2
+    resumed = run_continual(split_digits_benchmark("class"), _factory("class", "cskl"), checkpoint=checkpoint,
+                            progress=False)
+    assert resumed.accuracy == uninterrupted.accuracy  # bit-identical, not just close
+    assert resumed.metrics == uninterrupted.metrics
+    assert load_checkpoint(finished_checkpoint)["next_experience"] == 4
+    for name in ("learner", "prototypes"):
+        assert name in next(iter(state["plugins"].values()))
+
+
+def test_wandb_offline_run_holds_the_metrics(task_runs):
+    cskl, _, _, run_dir = task_runs
+    assert run_dir is not None and run_dir.name.startswith("offline-run-") and run_dir.is_dir()
+    recorded = read_offline_run(run_dir)
+    logged = {k: v for row in recorded["history"] for k, v in row.items()}
+    assert "Top1_Acc_Stream/eval_phase/test_stream/Task004" in logged
+    assert any(k.startswith("Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000") for k in logged)
+    assert recorded["summary"]["final/acc"] == pytest.approx(cskl.summary["acc"])
+    matrix = recorded["summary"]["final/accuracy_matrix"]
+    assert [pytest.approx(row) for row in cskl.accuracy] == matrix
+    assert recorded["config"]["scenario"] == "task"
+
+
+def _as_avalanche(dataset: TensorDataset) -> ClassificationDataset:
+    x, y, _ = dataset.tensors
+    return ClassificationDataset([TensorDataset(x, y)], data_attributes=[DataAttribute(y.tolist(), "targets")])
+
+
+def test_benchmark_from_datasets_and_caller_plugins_untouched():
+    tasks = split_digits(2)
+    bm = benchmark_from_datasets(train=[_as_avalanche(t.train) for t in tasks],
+                                 test=[_as_avalanche(t.test) for t in tasks])
+    caller_plugins = [FrozenStaysFrozen()]
+
+    def build(evaluator):
+        torch.manual_seed(0)
+        model = SmallCNN(10, width=8)  # a plain model with a 10-way linear head, no task labels in the data
+        return CSKLStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), 3e-3), train_mb_size=64,
+                            train_epochs=2, eval_mb_size=512, evaluator=evaluator, plugins=caller_plugins,
+                            channel_ratio=0.5, record_batches=2)
+
+    result = run_continual(bm, build, progress=False)
+    assert len(caller_plugins) == 1  # the caller's list is never mutated
+    assert result.accuracy[0][0] > 0.5 and result.accuracy[-1][0] > 0.3
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _tiny_strategy(model=None, **options):
+    model = model if model is not None else SmallCNN(10, width=4)
+    return CSKLStrategy(model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1), evaluator=None, **options)
+
+
+def test_bad_channel_ratio_is_refused():
+    with pytest.raises(ValueError, match=r"channel_ratio=1\.5 is not allowed: it must be a number in \(0, 1\]"):
+        _tiny_strategy(channel_ratio=1.5)
+    with pytest.raises(ValueError, match=r"channel_ratio=0 is not allowed"):
+        CSKLPlugin(channel_ratio=0)
+
+
+def test_model_without_eligible_convs_is_refused_at_construction():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(NoEligibleLayerError, match="Sequential has no convolution that can train its center"):
+        _tiny_strategy(model)
+
+
+def test_misspelled_option_is_refused():
+    with pytest.raises(TypeError, match="chanel_ratio"):
+        _tiny_strategy(chanel_ratio=0.5)
+
+
+def test_experience_without_samples_is_refused():
+    empty = ClassificationDataset([TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))],
+                                  data_attributes=[DataAttribute([], "targets")])
+    bm = benchmark_from_datasets(train=[empty], test=[empty])
+    strategy = _tiny_strategy()
+    with pytest.raises(EmptyExperienceError, match="experience 0 of stream 'train' has no samples"):
+        strategy.train(bm.train_stream[0])
+
+
+def test_benchmark_without_data_is_refused():
+    bm = benchmark_from_datasets(train=[], test=[])
+    with pytest.raises(NoDataError, match="the benchmark has no data: 0 training and 0 evaluation experiences"):
+        run_continual(bm, lambda evaluator: _tiny_strategy(), progress=False)

@@ -1,0 +1,188 @@
+"""CenterKernelCallback with real Trainers on Split Digits: sequence, resume, AMP, errors, logging."""
+
+import copy
+import glob
+import os
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_cskl import CenterKernelCallback
+from lightning_cskl.core import CenterDecoupledConv
+from lightning_cskl.lightning.callback import check_strategy
+from tests.lightning_helpers import Crash, loader, make_model, make_trainer
+
+
+def fit_task(model, cb, task, t, epochs=3, **kwargs):
+    model.current_task = t
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    trainer = make_trainer(epochs, [cb] + kwargs.pop("extra_callbacks", []), **kwargs)
+    trainer.fit(model, loader(task), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_task_sequence_learns_without_forgetting_and_folds_back(digit_tasks, tmp_path):
+    model = make_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    cb = CenterKernelCallback(score_batches=3)
+    acc0 = []
+    for t in range(3):
+        logger = CSVLogger(tmp_path, name=f"task{t}")
+        fit_task(model, cb, digit_tasks[t], t, epochs=10, logger=logger)
+        assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+        assert sum(p.numel() for p in model.parameters()) == n_params
+        assert cb.learner.tasks_seen == t + 1
+        acc0.append(model.evaluate(digit_tasks[0].test, seen_tasks=t + 1))
+        new_acc = model.evaluate(digit_tasks[t].test, seen_tasks=t + 1)
+        assert new_acc > 0.7, f"task {t} not learned: {new_acc}"
+    assert acc0[0] > 0.95
+    assert acc0[-1] >= acc0[0] - 0.02, acc0  # the base task is protected
+    metrics = open(glob.glob(str(tmp_path / "task2" / "*" / "metrics.csv"))[0]).read()
+    assert "cskl/backbone.2.0/selected_channels" in metrics and "cskl/backbone.2.0/free_dim" in metrics
+
+
+def _plain_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("crash_epoch,score_batches", [(2, 4), (1, 12)], ids=["mid-training", "mid-scoring"])
+def test_resume_after_crash_matches_uninterrupted_run(digit_tasks, tmp_path, crash_epoch, score_batches):
+    L.seed_everything(0)
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=score_batches)
+    for t in range(2):
+        fit_task(model, cb, digit_tasks[t], t, epochs=2)
+    start_model, start_cb = copy.deepcopy(model), copy.deepcopy(cb)
+
+    # uninterrupted third task
+    ref_model, ref_cb = copy.deepcopy(start_model), copy.deepcopy(start_cb)
+    fit_task(ref_model, ref_cb, digit_tasks[2], 2, epochs=4)
+
+    # crashed third task, checkpoints every epoch
+    crash_model, crash_cb = copy.deepcopy(start_model), copy.deepcopy(start_cb)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_task(crash_model, crash_cb, digit_tasks[2], 2, epochs=4, extra_callbacks=[ckpt, Crash(crash_epoch)],
+                 enable_checkpointing=True)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == crash_epoch - 1
+
+    # a new process: fresh model object and a fresh callback, everything else from the checkpoint
+    resumed_model = make_model(seed=123)
+    resumed_cb = CenterKernelCallback(score_batches=score_batches)
+    fit_task(resumed_model, resumed_cb, digit_tasks[2], 2, epochs=4, ckpt_path=str(tmp_path / "last.ckpt"),
+             extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "after")], enable_checkpointing=True)
+
+    expected, got = _plain_state(ref_model), _plain_state(resumed_model)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert not torch.equal(expected["heads.2.weight"], _plain_state(start_model)["heads.2.weight"])
+    for name, cov in ref_cb.learner.covariances.items():
+        assert torch.equal(resumed_cb.learner.covariances[name], cov)
+    assert resumed_cb.learner.tasks_seen == ref_cb.learner.tasks_seen == 3
+
+
+class _RecordCenters(L.Callback):
+    """Keep the trained center tensors and learner state before and after each batch."""
+
+    def __init__(self, cb):
+        self.cb, self.before, self.after = cb, {}, {}
+
+    def _snapshot(self, trainer):
+        learner = self.cb.learner
+        return ({n: learner.trained_tensor(n).detach().clone() for n in learner.layers},
+                learner.phase, learner.scored_batches,
+                {n: s.clone() for n, s in learner.score_sums.items()})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before[trainer.global_step, batch_idx] = self._snapshot(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[batch_idx] = self._snapshot(trainer)
+
+
+def test_amp_skipped_steps_leave_weights_and_state_untouched(digit_tasks):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=3)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    poisoned = {1, 5}  # one scoring batch and one training batch get an infinite loss
+    original_step = model.training_step
+
+    def training_step(batch, batch_idx):
+        loss = original_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx in poisoned else loss
+
+    model.training_step = training_step
+    recorder = _RecordCenters(cb)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    fit_task(model, cb, digit_tasks[1], 1, epochs=1, extra_callbacks=[recorder],
+             plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    for batch_idx in poisoned:
+        before = next(v for (s, b), v in recorder.before.items() if b == batch_idx)
+        after = recorder.after[batch_idx]
+        for name in before[0]:
+            assert torch.equal(before[0][name], after[0][name]), f"batch {batch_idx}: {name} moved"
+        assert before[1:3] == after[1:3]
+        for name in before[3]:
+            assert torch.equal(before[3][name], after[3][name])
+    # the other steps did train: scoring finished (3 clean scoring steps) and centers moved
+    assert cb.learner.tasks_seen == 2
+    moved = [b for b in recorder.after if b not in poisoned and b > 4 and not all(
+        torch.equal(recorder.after[b][0][n], recorder.after[b - 1][0][n]) for n in recorder.after[b][0])]
+    assert moved
+
+
+def test_bf16_mixed_precision_trains_centers_only(digit_tasks):
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=2)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    before = _plain_state(model)
+    fit_task(model, cb, digit_tasks[1], 1, epochs=2, precision="bf16-mixed")
+    after = _plain_state(model)
+    weight = "backbone.2.0.weight"
+    mask = torch.ones_like(after[weight], dtype=torch.bool)
+    mask[:, :, 1, 1] = False
+    assert torch.equal(after[weight][mask], before[weight][mask])
+    assert not torch.equal(after[weight][:, :, 1, 1], before[weight][:, :, 1, 1])
+    for key in before:
+        if "running" in key or key.startswith("backbone.0") or "backbone.1.1" in key or "backbone.2.1" in key:
+            assert torch.equal(after[key], before[key]), key
+
+
+def test_sharded_strategies_are_refused():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    with pytest.raises(ValueError, match="does not support strategy FSDPStrategy.*unsharded"):
+        check_strategy(FSDPStrategy())
+    check_strategy(DDPStrategy())
+
+
+def test_optimizer_without_center_parameters_is_refused(digit_tasks):
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=2)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    early = list(model.parameters())  # captured before the callback creates the branches
+    model.configure_optimizers = lambda: torch.optim.SGD(early, lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer does not hold the center parameters of layers \['backbone.1.0'"):
+        fit_task(model, cb, digit_tasks[1], 1, epochs=1)
+
+
+def test_wandb_offline_run_holds_selection_stats(digit_tasks, tmp_path):
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=2)
+    run_dirs = []
+    for t in range(2):
+        logger = WandbLogger(project="cskl-test", save_dir=str(tmp_path), offline=True)
+        fit_task(model, cb, digit_tasks[t], t, epochs=1, logger=logger)
+        run_dirs.append(os.path.dirname(logger.experiment.dir))
+        logger.experiment.finish()
+    assert all(os.path.basename(d).startswith("offline-run-") for d in run_dirs)
+    # the offline transaction log (what `wandb sync` uploads) holds the logged keys
+    logs = [open(glob.glob(os.path.join(d, "run-*.wandb"))[0], "rb").read() for d in run_dirs]
+    assert b"cskl/backbone.2.0/selected_channels" in logs[1] and b"cskl/backbone.2.0/free_dim" in logs[1]
+    assert b"cskl/" not in logs[0]  # the base task selects nothing

@@ -1,0 +1,354 @@
+"""The engine (plain torch): selection, projection bounds per optimizer, freezing, modes, state."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_cskl.core import (
+    CenterDecoupledConv,
+    CenterKernelConfig,
+    CenterKernelLearner,
+    NoEligibleLayerError,
+    free_basis,
+    layer_projector,
+    resolve_layers,
+    select_channels,
+)
+from lightning_cskl.core.projection import NULL_SPACE_RTOL
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.conv3(x))
+        return self.head(x.mean((2, 3)))
+
+
+def low_rank_data(n: int, seed: int, rank: int = 2) -> torch.Tensor:
+    """Images whose channel vectors live in a `rank`-dimensional subspace: old tasks leave a null space."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(3, rank, generator=g)
+    coeff = torch.randn(n, rank, 6, 6, generator=g)
+    return torch.einsum("cr,nrhw->nchw", basis, coeff)
+
+
+def train(learner, net, x, y, make_optimizer, steps, batch=16, closure=False):
+    learner.bind(net)
+    learner.begin_task()
+    opt = make_optimizer([p for p in net.parameters() if p.requires_grad])
+    handle = learner.attach_optimizer(opt)
+    for step in range(steps):
+        i = (step * batch) % len(x)
+
+        def forward_backward():
+            opt.zero_grad()
+            net.train()
+            loss = nn.functional.cross_entropy(net(x[i:i + batch]), y[i:i + batch])
+            loss.backward()
+            learner.before_update()
+            return loss
+
+        if closure:  # as Lightning does: gradients are computed inside optimizer.step
+            opt.step(forward_backward)
+        else:
+            forward_backward()
+            opt.step()
+    handle.remove()
+    return opt
+
+
+def record_old_task(learner, net, x_old):
+    learner.bind(net)
+    learner.record(lambda: net(x_old))
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+def test_select_channels_keeps_top_ratio_deterministically():
+    scores = torch.tensor([0.3, 0.1, 0.3, 0.9, 0.0, 0.5, 0.2, 0.4])
+    mask = select_channels(scores, 0.75)
+    assert mask.sum() == 6 and not mask[1] and not mask[4]
+    assert select_channels(scores, 0.01).sum() == 1
+    with pytest.raises(ValueError, match=r"channel_ratio=1.5 is not allowed: it must be a number in \(0, 1\]"):
+        select_channels(scores, 1.5)
+
+
+def test_free_basis_criteria():
+    eigenvalues = torch.tensor([100.0, 10.0, 1.0, 0.5, 0.1])
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    cov = q @ torch.diag(eigenvalues.double()) @ q.T
+    basis, _ = free_basis(cov, "null_space", null_space_factor=5.0)
+    assert basis.shape[1] == 2  # 0.1 and 0.5 are ≤ 5 * 0.1
+    basis, _ = free_basis(cov, "energy", energy=0.95)
+    # protect 100 + 10 (=0.989 of 111.6); free 1, 0.5, 0.1
+    assert basis.shape[1] == 3
+    assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    assert free_basis(torch.zeros(3, 3))[0].shape[1] == 3  # nothing to protect
+
+
+def test_projector_restricts_to_selected_block_before_eigendecomposition():
+    cov = torch.tensor([[[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
+    selected = torch.tensor([True, True, False])
+    projector, free = layer_projector(cov, selected, "null_space", null_space_factor=1.0)
+    assert free.tolist() == [1]
+    expected = torch.tensor([[0.5, -0.5, 0.0], [-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(projector[0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("closure", [False, True], ids=["step", "closure"])
+@pytest.mark.parametrize("rule", ["null_space", "null_space_selected", "energy"])
+def test_old_task_output_change_is_bounded_for_every_optimizer(optimizer, rule, closure):
+    criterion = "energy" if rule == "energy" else "null_space"
+    reference = "selected" if rule == "null_space_selected" else "layer"
+    torch.manual_seed(0)
+    net = Net()
+    x_old = low_rank_data(64, seed=1)
+    x_new, y_new = torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,))
+    learner = CenterKernelLearner(layers=["conv1", "conv2", "conv3"], first_task="center", score_batches=2,
+                                  criterion=criterion, energy=0.9, energy_step=0.0, channel_ratio=0.75,
+                                  null_space_reference=reference)
+    record_old_task(learner, net, x_old)
+    before = {n: learner.trained_tensor(n).detach().clone() for n in learner.layers}
+    train(learner, net, x_new, y_new, OPTIMIZERS[optimizer], steps=12, closure=closure)
+    checked = 0
+    for name in learner.layers:
+        delta = (learner.trained_tensor(name).detach() - before[name]).double()
+        selected = learner.selected[name]
+        assert torch.all(delta[:, ~selected] == 0), f"{name}: unselected channels moved"
+        cov = learner.covariances[name][0].double()
+        sub = cov[selected][:, selected]
+        eig = torch.linalg.eigvalsh(sub).clamp_min(0)
+        if criterion == "null_space":
+            ref = eig if reference == "selected" else torch.linalg.eigvalsh(cov).clamp_min(0)
+            allowed = max(5.0 * ref[0].item(), NULL_SPACE_RTOL * ref[-1].item())
+        else:
+            share = torch.cumsum(eig, 0) / eig.sum()
+            allowed = eig[share <= 0.1 + 1e-12].max().item() if (share <= 0.1 + 1e-12).any() else 0.0
+        ds = delta[:, selected]
+        norm = ds.square().sum().item()
+        if norm == 0:
+            continue
+        change = torch.trace(ds @ sub @ ds.T).item()  # mean squared output change on old center inputs
+        assert change <= allowed * norm * (1 + 1e-3) + 1e-9, f"{name}: {change} > {allowed} * {norm}"
+        checked += 1
+    assert checked > 0
+
+
+def test_without_projection_old_outputs_change_much_more():
+    torch.manual_seed(0)
+    changes = {}
+    for project in (True, False):
+        torch.manual_seed(0)
+        net = Net()
+        x_old = low_rank_data(64, seed=1)
+        x_new, y_new = torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,))
+        learner = CenterKernelLearner(layers=["conv1"], first_task="center", score_batches=1, project=project,
+                                      channel_ratio=1.0)
+        record_old_task(learner, net, x_old)
+        before = learner.trained_tensor("conv1").detach().clone()
+        train(learner, net, x_new, y_new, OPTIMIZERS["adam"], steps=10)
+        delta = (learner.trained_tensor("conv1").detach() - before).double()
+        cov = learner.covariances["conv1"][0].double()
+        changes[project] = torch.trace(delta @ cov @ delta.T).item()
+    assert changes[False] > 1e3 * changes[True]
+
+
+def test_frozen_tensors_are_bit_identical_and_batchnorm_does_not_drift():
+    torch.manual_seed(0)
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv2", "conv3"], first_task="center", score_batches=1)
+    record_old_task(learner, net, torch.randn(32, 3, 6, 6))
+    learner.bind(net)
+    frozen = {k: v.detach().clone() for k, v in net.state_dict().items() if not k.endswith("center")}
+    train(learner, net, torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,)), OPTIMIZERS["adamw"], steps=6)
+    state = net.state_dict()
+    for key, value in frozen.items():
+        if key.startswith("head"):
+            continue
+        assert torch.equal(state[key], value), f"{key} changed"
+    # non-center taps of the decoupled kernels were zero-centred copies: they too are untouched
+    assert isinstance(net.conv2, CenterDecoupledConv)
+    changed = [n for n in ("conv2", "conv3") if not torch.equal(learner.trained_tensor(n), frozen[f"{n}.conv.weight"][:, :, 1, 1])]
+    assert changed, "no center moved"
+    assert not torch.equal(state["head.weight"], frozen["head.weight"])
+
+
+def test_end_task_folds_back_and_restores_flags():
+    net = Net()
+    net.conv1.bias.requires_grad_(False)
+    learner = CenterKernelLearner(layers="all", first_task="center", score_batches=1)
+    train(learner, net, torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), OPTIMIZERS["sgd"], steps=3)
+    learner.end_task(lambda: net(torch.randn(8, 3, 6, 6)))
+    assert not any(isinstance(m, CenterDecoupledConv) for m in net.modules())
+    assert type(net.conv2) is nn.Conv2d
+    assert not net.conv1.bias.requires_grad and net.conv2.weight.requires_grad
+    assert all(m.training for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert learner.tasks_seen == 1 and set(learner.covariances) == {"conv1", "conv2", "conv3"}
+    assert learner.covariances["conv2"].shape == (1, 8, 8)
+
+
+def test_covariance_size_is_constant_in_the_number_of_tasks():
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv2"], first_task="center", score_batches=1)
+    sizes = []
+    for task in range(3):
+        train(learner, net, torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), OPTIMIZERS["sgd"], steps=2)
+        learner.end_task(lambda: net(torch.randn(8, 3, 6, 6)))
+        sizes.append(learner.projection_state_bytes())
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+def test_base_task_trains_all_parameters_and_records():
+    torch.manual_seed(0)
+    net = Net()
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    learner = CenterKernelLearner(layers=["conv2"], first_task="full")
+    train(learner, net, torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), OPTIMIZERS["sgd"], steps=3)
+    learner.end_task(lambda: net(torch.randn(8, 3, 6, 6)))
+    after = net.state_dict()
+    for key in ("conv1.weight", "conv2.weight", "bn1.running_mean", "head.weight"):
+        assert not torch.equal(after[key], before[key]), key
+    # the non-center taps of conv2 moved too: the base task is plain full training
+    assert not torch.equal(after["conv2.weight"][:, :, 0, 0], before["conv2.weight"][:, :, 0, 0])
+    assert learner.tasks_seen == 1 and "conv2" in learner.covariances
+
+
+def test_base_task_with_decoupled_structure_equals_plain_training():
+    torch.manual_seed(0)
+    plain, wired = Net(), Net()
+    wired.load_state_dict(plain.state_dict())
+    x, y = torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,))
+    opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(plain(x[step * 8:(step + 1) * 8]), y[step * 8:(step + 1) * 8]).backward()
+        opt.step()
+    learner = CenterKernelLearner(layers=["conv2", "conv3"], first_task="full")
+    train(learner, wired, x, y, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=4, batch=8)
+    learner.end_task(lambda: wired(x[:4]))
+    for key, value in plain.state_dict().items():
+        assert torch.allclose(wired.state_dict()[key], value, atol=1e-5), key
+
+
+def test_mask_mode_follows_the_decoupled_trajectory_under_sgd():
+    torch.manual_seed(0)
+    nets = [Net(), Net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x_old = low_rank_data(32, seed=3)
+    x, y = torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,))
+    results = []
+    for net, mode in zip(nets, ("decouple", "mask")):
+        learner = CenterKernelLearner(layers=["conv2", "conv3"], first_task="center", score_batches=2, mode=mode)
+        record_old_task(learner, net, x_old)
+        train(learner, net, x, y, lambda p: torch.optim.SGD(p, lr=0.1), steps=8)
+        assert learner.selected["conv2"].sum() == 6
+        learner.end_task(lambda: net(x_old))
+        results.append(({n: s.clone() for n, s in learner.selected.items()}, net.state_dict()))
+    for name in results[0][0]:
+        assert torch.equal(results[0][0][name], results[1][0][name])
+    for key, value in results[0][1].items():
+        assert torch.allclose(results[1][1][key], value, atol=1e-5), key
+    assert not torch.equal(results[0][1]["conv2.weight"], Net().state_dict()["conv2.weight"])
+
+
+def test_mask_mode_keeps_non_center_taps_bit_identical():
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv2"], first_task="center", score_batches=1, mode="mask")
+    before = net.conv2.weight.detach().clone()
+    train(learner, net, torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), OPTIMIZERS["adamw"], steps=4)
+    after = net.conv2.weight.detach()
+    mask = torch.ones_like(after, dtype=torch.bool)
+    mask[:, :, 1, 1] = False
+    assert torch.equal(after[mask], before[mask])
+    assert not torch.equal(after[:, :, 1, 1], before[:, :, 1, 1])
+
+
+@pytest.mark.parametrize("closure", [False, True])
+def test_scoring_steps_move_nothing(closure):
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv2"], first_task="center", score_batches=3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    learner.bind(net)
+    train(learner, net, torch.randn(48, 3, 6, 6), torch.randint(0, 4, (48,)), OPTIMIZERS["adam"], steps=3,
+          closure=closure)
+    after = net.state_dict()
+    assert torch.equal(after["head.weight"], before["head.weight"])
+    assert torch.equal(after["conv2.center"], before["conv2.weight"][:, :, 1, 1])
+    assert learner.phase == "training" and learner.selected["conv2"].sum() == 6
+
+
+def test_layer_choice():
+    net = Net()
+    assert resolve_layers(net, "auto") == ["conv2", "conv3"]
+    assert resolve_layers(net, "all") == ["conv1", "conv2", "conv3"]
+    assert resolve_layers(net, ["conv3"]) == ["conv3"]
+    assert resolve_layers(net, r"conv[12]") == ["conv1", "conv2"]
+
+
+def test_layer_choice_errors_name_the_layer_or_pattern():
+    net = Net()
+    with pytest.raises(NoEligibleLayerError, match=r"layers=.conv9. matches no convolution of Net.*conv1, conv2"):
+        resolve_layers(net, "conv9")
+    with pytest.raises(NoEligibleLayerError, match=r"layers lists \['head'\] which are not convolutions"):
+        resolve_layers(net, ["head"])
+    even = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 2))
+    with pytest.raises(NoEligibleLayerError, match=r"layer '1' \(Conv2d, kernel_size=\(2, 2\)\) cannot train its center"):
+        resolve_layers(even, ["1"])
+    with pytest.raises(NoEligibleLayerError, match="MLP|Sequential has no convolution that can train its center"):
+        resolve_layers(nn.Sequential(nn.Linear(2, 2)), "auto")
+    with pytest.raises(NoEligibleLayerError, match="layers='auto' found no ungrouped"):
+        resolve_layers(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "auto")
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(channel_ratio=0.0), r"channel_ratio=0.0 is not allowed"),
+        (dict(channel_ratio=True), r"channel_ratio=True is not allowed"),
+        (dict(criterion="svd"), r"criterion='svd' is not allowed: use one of 'null_space', 'energy'"),
+        (dict(mode="prune"), r"mode='prune' is not allowed"),
+        (dict(score_batches=0), r"score_batches=0 is not allowed"),
+        (dict(energy=1.2), r"energy=1.2 is not allowed"),
+        (dict(layers=[]), r"layers=\[\] is not allowed"),
+    ],
+)
+def test_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        CenterKernelConfig(**options)
+
+
+def test_state_dict_is_weights_only_loadable_and_round_trips():
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv2"], first_task="center", score_batches=1)
+    record_old_task(learner, net, torch.randn(16, 3, 6, 6))
+    train(learner, net, torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), OPTIMIZERS["sgd"], steps=2)
+    buffer = io.BytesIO()
+    torch.save(learner.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    other = CenterKernelLearner(layers=["conv2"], first_task="center", score_batches=1)
+    other.load_state_dict(state)
+    assert other.tasks_seen == 1 and other.phase == "training"
+    assert torch.equal(other.covariances["conv2"], learner.covariances["conv2"])
+    assert torch.equal(other.selected["conv2"], learner.selected["conv2"])
+    with pytest.raises(ValueError, match="checkpoint was made with layers=\\['conv2'\\]"):
+        CenterKernelLearner(layers="all").load_state_dict(state)
