@@ -4,7 +4,7 @@ Task 0 is the base session (all parameters train); tasks 1-4 train only the cent
 convolutions on DCES-selected channels, projected away from what earlier tasks use. Runs in about a minute
 on 2 CPU cores, logs to Weights & Biases offline (./wandb, `wandb sync` later) and prints the accuracy matrix.
 
-    python examples/split_digits_lightning.py [--epochs 15] [--scenario task|class] [--naive]
+    python examples/split_digits_lightning.py [--epochs 10] [--optimizer sgd] [--lr 0.3] [--naive]
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from lightning_cskl.models import SmallCNN
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--scenario", choices=("task", "class"), default="task")
+    parser.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--naive", action="store_true", help="plain fine-tuning, no callback (for comparison)")
     args = parser.parse_args()
 
@@ -36,8 +36,8 @@ def main() -> None:
     L.seed_everything(args.seed, verbose=False)
     tasks = split_digits(n_tasks=5, seed=args.seed)
     cnn = SmallCNN(width=16)
-    model = TaskClassifier(cnn.features, cnn.feature_dim, n_tasks=5, classes_per_task=2, scenario=args.scenario,
-                           lr=args.lr)
+    model = TaskClassifier(cnn.features, cnn.feature_dim, n_tasks=5, classes_per_task=2,
+                           lr=args.lr, optimizer=args.optimizer)
     callback = CenterKernelCallback(score_batches=4)
     logger = WandbLogger(project="lightning_cskl", name=f"split-digits-{'naive' if args.naive else 'cskl'}",
                          offline=True)
