@@ -1,0 +1,38 @@
+"""Two tasks of Split Digits under DDP (2 CPU processes, gloo); every rank saves what the callback holds.
+
+Run by tests/test_ddp.py as ``python tests/ddp_run.py OUT_DIR``; Lightning's launcher starts rank 1 by
+re-running this command.
+"""
+
+import os
+import sys
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lightning_cskl import CenterKernelCallback  # noqa: E402
+from lightning_cskl.data import split_digits  # noqa: E402
+from tests.lightning_helpers import make_model  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    L.seed_everything(0, verbose=False)
+    tasks = split_digits(n_tasks=5, seed=0)
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=2)
+    for t in range(2):
+        model.current_task = t
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",
+                            callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(model, DataLoader(tasks[t].train, batch_size=16, shuffle=True))
+    rank = trainer.global_rank
+    torch.save({"learner": cb.learner.state_dict(), "model": model.state_dict(),
+                "world_size": trainer.world_size}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

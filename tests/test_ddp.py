@@ -1,0 +1,25 @@
+"""DDP (2 CPU processes, gloo): every rank holds identical covariances, selections and weights."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def test_ddp_ranks_agree(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_run.py")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert states[0]["world_size"] == 2
+    first, second = states[0]["learner"], states[1]["learner"]
+    assert first["tasks_seen"] == second["tasks_seen"] == 2
+    assert first["covariances"].keys() == second["covariances"].keys() and first["covariances"]
+    for name in first["covariances"]:
+        assert torch.equal(first["covariances"][name], second["covariances"][name]), name
+        assert torch.equal(first["selected"][name], second["selected"][name]), name
+    for key, value in states[0]["model"].items():
+        assert torch.equal(value, states[1]["model"][key]), key
