@@ -181,8 +181,32 @@ def test_wandb_offline_run_holds_selection_stats(digit_tasks, tmp_path):
         fit_task(model, cb, digit_tasks[t], t, epochs=1, logger=logger)
         run_dirs.append(os.path.dirname(logger.experiment.dir))
         logger.experiment.finish()
+    import wandb
+
+    wandb.teardown()  # the service flushes its transaction logs when it shuts down
     assert all(os.path.basename(d).startswith("offline-run-") for d in run_dirs)
     # the offline transaction log (what `wandb sync` uploads) holds the logged keys
     logs = [open(glob.glob(os.path.join(d, "run-*.wandb"))[0], "rb").read() for d in run_dirs]
     assert b"cskl/backbone.2.0/selected_channels" in logs[1] and b"cskl/backbone.2.0/free_dim" in logs[1]
     assert b"cskl/" not in logs[0]  # the base task selects nothing
+
+
+def test_pretrained_model_is_protected_by_recording_without_training(digit_tasks):
+    model = make_model()
+    fit_task(model, CenterKernelCallback(layers=["backbone.2.0"]), digit_tasks[0], 0, epochs=8)  # "pretraining"
+    before = _plain_state(model)
+    acc_before = model.evaluate(digit_tasks[0].test, seen_tasks=1)
+    cb = CenterKernelCallback(first_task="center", score_batches=2,
+                              forward_fn=lambda module, batch: module(batch[0], task=0))
+    cb.record(model, loader(digit_tasks[0]))
+    assert cb.learner.tasks_seen == 1 and cb.learner.covariances["backbone.2.0"].shape == (1, 32, 32)
+    assert all(torch.equal(v, before[k]) for k, v in _plain_state(model).items())  # recording trains nothing
+    fit_task(model, cb, digit_tasks[1], 1, epochs=8)
+    after = _plain_state(model)
+    weight = "backbone.2.0.weight"
+    off_center = torch.ones_like(after[weight], dtype=torch.bool)
+    off_center[:, :, 1, 1] = False
+    assert torch.equal(after[weight][off_center], before[weight][off_center])  # an incremental task, not a base
+    assert not torch.equal(after[weight], before[weight])
+    assert model.evaluate(digit_tasks[0].test, seen_tasks=2) >= acc_before - 0.02
+    assert model.evaluate(digit_tasks[1].test, seen_tasks=2) > 0.6
