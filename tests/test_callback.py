@@ -210,3 +210,11 @@ def test_pretrained_model_is_protected_by_recording_without_training(digit_tasks
     assert not torch.equal(after[weight], before[weight])
     assert model.evaluate(digit_tasks[0].test, seen_tasks=2) >= acc_before - 0.02
     assert model.evaluate(digit_tasks[1].test, seen_tasks=2) > 0.6
+
+
+def test_a_fit_too_short_for_scoring_warns(digit_tasks):
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=50)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    with pytest.warns(UserWarning, match=r"this fit has 8 optimizer steps but DCES scores for 50 more"):
+        fit_task(model, cb, digit_tasks[1], 1, epochs=1)

@@ -317,6 +317,12 @@ class CenterKernelLearner:
                 in eval mode under ``torch.no_grad()`` while forward hooks collect center inputs.
             fold: merge branches back into the kernels (the model is plain again).
         """
+        if self.phase == SCORING:
+            log.warning(
+                "the task ended while DCES was still scoring (%d of score_batches=%d steps): no center and no "
+                "head weight moved in this task; use more steps per task or a smaller score_batches",
+                self.scored_batches, self.config.score_batches,
+            )
         self.record(run_forward)
         self.phase = IDLE
         self.score_sums, self.projectors, self._grad_masks, self._snapshots = {}, {}, {}, {}

@@ -9,7 +9,7 @@ import lightning.pytorch as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -114,6 +114,13 @@ class CenterKernelCallback(Callback):
             raise ValueError(
                 f"the optimizer does not hold the center parameters of layers {missing}: build it in "
                 "configure_optimizers from self.parameters() (the callback creates them in setup)"
+            )
+        remaining = self.config.score_batches - self.learner.scored_batches
+        if self.learner.phase == "scoring" and trainer.estimated_stepping_batches <= remaining:
+            rank_zero_warn(
+                f"this fit has {trainer.estimated_stepping_batches} optimizer steps but DCES scores for "
+                f"{remaining} more (score_batches={self.config.score_batches}): nothing would train. "
+                "Lower score_batches or train longer."
             )
         self._remove_optimizer_hooks()
         self._optimizer_handles = [self.learner.attach_optimizer(opt) for opt in trainer.optimizers]
