@@ -33,7 +33,16 @@ from lightning_cskl.models import SmallCNN
 
 warnings.filterwarnings("ignore", message="No loggers specified")
 
-# Margins measured with these settings (seed 0, 2 CPU threads); see the asserts for the values.
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: one thread is fastest, and it stays fast when other processes share the 2 cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Margins measured with these settings (seed 0, one CPU thread); the values are quoted at the asserts.
 EPOCHS, BATCH = 8, 32
 CLASS_LR, TASK_LR = 1e-3, 3e-3
 
@@ -129,7 +138,8 @@ def task_runs(tmp_path_factory):
 def test_class_incremental_beats_naive_on_old_tasks(class_runs):
     cskl, naive, _ = class_runs
     assert cskl.completed == cskl.total == 4 and len(cskl.accuracy[-1]) == 4
-    # measured: CSKL 0.73 (0.88, 0.69, 0.63) vs Naive 0.01 on the old experiences after the last one
+    # measured: CSKL 0.73 (0.88, 0.69, 0.63) vs Naive 0.00 on the old experiences after the last one;
+    # forgetting -0.08 vs 1.00 (prototype replay even lifts old classes while the head trains)
     assert _old_task_accuracy(cskl) > _old_task_accuracy(naive) + 0.45
     assert cskl.accuracy[-1][0] > 0.8  # the base session survives three incremental experiences
     assert cskl.summary["forgetting"] < 0.15 < naive.summary["forgetting"]
@@ -138,7 +148,9 @@ def test_class_incremental_beats_naive_on_old_tasks(class_runs):
 def test_task_incremental_keeps_old_tasks_and_frozen_parameters_never_move(task_runs):
     cskl, naive, checker, _ = task_runs
     assert cskl.completed == 5 and checker.checked == 4
-    # measured: the base task stays at 1.00 with CSKL and drops to about 0.5 with Naive; forgetting 0.00 vs 0.26
+    # measured: the base task stays at 1.00 with CSKL and drops to 0.45 with Naive; forgetting 0.002 vs 0.19.
+    # (Mean old-task accuracy is a tie here, 0.80 vs 0.80: centers-only training on features learned from a
+    # 2-class base task learns new tasks less well, a[i][i] 0.58-0.79, than Naive's full fine-tuning.)
     assert cskl.accuracy[-1][0] == pytest.approx(cskl.accuracy[0][0], abs=0.01)
     assert cskl.accuracy[-1][0] > naive.accuracy[-1][0] + 0.2
     assert cskl.summary["forgetting"] < 0.02 and naive.summary["forgetting"] > 0.1

@@ -1,0 +1,27 @@
+"""The Avalanche front door: :class:`CSKLStrategy` (a SupervisedTemplate plus :class:`CSKLPlugin`), networks
+with Avalanche's dynamic heads, a working W&B logger, and :func:`run_continual` (a whole run with
+checkpoint/resume and the accuracy matrix)."""
+
+from .models import ClassIncrementalNet, TaskIncrementalNet
+from .prototypes import PrototypeMemory
+from .run import ContinualResult, NoDataError, accuracy_summary, load_checkpoint, run_continual, save_checkpoint
+from .strategy import CSKLPlugin, CSKLStrategy, EmptyExperienceError, find_head
+from .wandb_logger import WandbLogger, read_offline_run
+
+__all__ = [
+    "CSKLPlugin",
+    "CSKLStrategy",
+    "ClassIncrementalNet",
+    "ContinualResult",
+    "EmptyExperienceError",
+    "NoDataError",
+    "PrototypeMemory",
+    "TaskIncrementalNet",
+    "WandbLogger",
+    "accuracy_summary",
+    "find_head",
+    "load_checkpoint",
+    "read_offline_run",
+    "run_continual",
+    "save_checkpoint",
+]

@@ -1,0 +1,306 @@
+"""A whole continual-learning run over an Avalanche benchmark: train each experience, evaluate on the whole
+test stream, record the accuracy matrix, checkpoint after every experience, resume after an interruption.
+
+Checkpoints hold our own state_dicts only (tensors and plain values, ``torch.load(weights_only=True)``):
+the model, the optimizer, every plugin that has ``state_dict`` (the CSKL learner and prototypes), the
+strategy's clock, the evaluator's scalar results, the accuracy matrix so far and the random states.
+Avalanche's own ``save_checkpoint`` pickles whole objects and fails with this stack (ENV.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.models.utils import avalanche_model_adaptation
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
+
+__all__ = [
+    "ContinualResult",
+    "NoDataError",
+    "accuracy_summary",
+    "load_checkpoint",
+    "run_continual",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "lightning_cskl.avalanche.run/1"
+_EXPERIENCE_ACCURACY = re.compile(r"^Top1_Acc_Exp/eval_phase/[^/]+/(?:Task\d+/)?Exp(\d+)$")
+
+StrategyFactory = Callable[[EvaluationPlugin], SupervisedTemplate]
+
+
+class NoDataError(ValueError):
+    """The benchmark has no experiences (or no samples) to train or evaluate on."""
+
+
+def accuracy_summary(accuracy: Sequence[Sequence[float]]) -> dict[str, float]:
+    """PROTOCOL.md's metrics from ``accuracy[i][j]`` (accuracy on experience j after training experience i).
+
+    Returns ``acc`` (mean of the last row), ``aia`` (mean over i of the mean over j ≤ i), ``forgetting``
+    (mean over j < T of the best earlier accuracy minus the last) and ``bwt`` (mean over j < T of
+    a[T][j] − a[j][j]); NaN where undefined (one row only).
+
+    Example:
+        >>> s = accuracy_summary([[1.0, 0.0], [0.5, 0.9]])
+        >>> round(s["acc"], 3), round(s["aia"], 3), s["forgetting"], s["bwt"]
+        (0.7, 0.85, 0.5, -0.5)
+    """
+    rows = [list(r) for r in accuracy]
+    if not rows:
+        return {"acc": math.nan, "aia": math.nan, "forgetting": math.nan, "bwt": math.nan}
+    last = len(rows) - 1
+    acc = sum(rows[last]) / len(rows[last])
+    aia = sum(sum(r[: i + 1]) / (i + 1) for i, r in enumerate(rows)) / len(rows)
+    if last == 0:
+        return {"acc": acc, "aia": aia, "forgetting": math.nan, "bwt": math.nan}
+    forgetting = sum(max(rows[i][j] for i in range(j, last)) - rows[last][j] for j in range(last)) / last
+    bwt = sum(rows[last][j] - rows[j][j] for j in range(last)) / last
+    return {"acc": acc, "aia": aia, "forgetting": forgetting, "bwt": bwt}
+
+
+@dataclass
+class ContinualResult:
+    """The outcome of :func:`run_continual`.
+
+    Attributes:
+        accuracy: ``accuracy[i][j]``: accuracy on test experience j after training experience i (every
+            experience of the test stream, unseen ones included).
+        completed: experiences trained so far (``len(accuracy)``); fewer than the stream when stopped early.
+        total: experiences in the training stream.
+        metrics: the evaluator's last values after the final evaluation.
+    """
+
+    accuracy: list[list[float]]
+    completed: int
+    total: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """``acc``, ``aia``, ``forgetting`` and ``bwt`` (see :func:`accuracy_summary`)."""
+        return accuracy_summary(self.accuracy)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON files and loggers."""
+        return {"accuracy": self.accuracy, "completed": self.completed, "total": self.total, **self.summary}
+
+
+# ---------------------------------------------------------------------------------------------- state
+def _plain(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return None
+
+
+def _stateful_plugins(strategy: SupervisedTemplate) -> dict[str, Any]:
+    # keyed by class name (and rank among plugins of that class), so plugins without state may come and go
+    found: dict[str, Any] = {}
+    for plugin in strategy.plugins:
+        if callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None)):
+            name = type(plugin).__name__
+            rank = sum(1 for key in found if key.split("#")[0] == name)
+            found[name if rank == 0 else f"{name}#{rank}"] = plugin
+    return found
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def save_checkpoint(
+    path: Union[str, os.PathLike], strategy: SupervisedTemplate, next_experience: int, accuracy: list[list[float]]
+) -> None:
+    """Write the state of a run between experiences (atomically: a crash never leaves half a file)."""
+    evaluator = strategy.evaluator
+    results = {}
+    for name, (xs, ys) in evaluator.get_all_metrics().items():
+        values = [_plain(y) for y in ys]
+        if all(v is not None for v in values):
+            results[name] = {"x": [int(x) for x in xs], "y": values}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "next_experience": int(next_experience),
+        "accuracy": [list(map(float, row)) for row in accuracy],
+        "model": strategy.model.state_dict(),
+        "optimizer": strategy.optimizer.state_dict(),
+        "plugins": {name: plugin.state_dict() for name, plugin in _stateful_plugins(strategy).items()},
+        "clock": {k: v for k, v in vars(strategy.clock).items() if isinstance(v, int)},
+        "evaluator": results,
+        "rng": _rng_state(),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of lightning_cskl.avalanche.run_continual")
+    return state
+
+
+def _restore(strategy: SupervisedTemplate, state: dict[str, Any], train_stream: Sequence[Any], eval_stream: Sequence[Any]) -> None:
+    model = strategy.model
+    # Dynamic modules (expanding heads, per-task heads) take their shapes from the experiences they saw:
+    # replay those adaptations, in the order the run made them, before loading the weights.
+    was_training = model.training
+    for j in range(state["next_experience"]):
+        model.train()
+        avalanche_model_adaptation(model, train_stream[j])
+        model.eval()
+        for experience in eval_stream:
+            avalanche_model_adaptation(model, experience)
+    model.train(was_training)
+    model.load_state_dict(state["model"])
+    # per-parameter optimizer state is reset at every experience by design; keep the groups' hyper-parameters
+    saved_groups = state["optimizer"]["param_groups"]
+    if len(saved_groups) == len(strategy.optimizer.param_groups):
+        for group, saved in zip(strategy.optimizer.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+    plugins = _stateful_plugins(strategy)
+    for name, plugin_state in state["plugins"].items():
+        if name not in plugins:
+            raise ValueError(f"the checkpoint holds state for plugin {name!r}, which this strategy does not have "
+                             f"(it has {sorted(plugins)}): build the strategy as for the interrupted run")
+        plugins[name].load_state_dict(plugin_state)
+    for key, value in state["clock"].items():
+        setattr(strategy.clock, key, value)
+    evaluator = strategy.evaluator
+    for name, values in state["evaluator"].items():
+        evaluator.all_metric_results[name] = (list(values["x"]), list(values["y"]))
+        if values["y"]:
+            evaluator.last_metric_results[name] = values["y"][-1]
+    _set_rng_state(state["rng"])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _accuracy_row(metrics: dict[str, Any], n_eval: int) -> list[float]:
+    row: list[Optional[float]] = [None] * n_eval
+    for name, value in metrics.items():
+        match = _EXPERIENCE_ACCURACY.match(name)
+        if match and int(match.group(1)) < n_eval:
+            row[int(match.group(1))] = float(value)
+    if any(v is None for v in row):
+        raise ValueError(
+            "the strategy's evaluator reported no per-experience accuracy: build the strategy with the "
+            "`evaluator` that run_continual passes to the factory (or one with accuracy_metrics(experience=True))"
+        )
+    return row  # type: ignore[return-value]
+
+
+def run_continual(
+    benchmark: Any,
+    strategy_factory: StrategyFactory,
+    *,
+    checkpoint: Union[str, os.PathLike, None] = None,
+    resume: bool = True,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+    loggers: Sequence[Any] = (),
+    eval_stream: Optional[Sequence[Any]] = None,
+) -> ContinualResult:
+    """Train on every experience of ``benchmark.train_stream``; after each, evaluate on the whole test stream.
+
+    Args:
+        benchmark: an Avalanche benchmark (``train_stream`` and ``test_stream``).
+        strategy_factory: ``factory(evaluator) -> strategy``; build model, optimizer and strategy inside, and
+            pass ``evaluator`` to the strategy (it records the per-experience accuracy). A resumed run calls
+            it again, so it must build the same thing every time.
+        checkpoint: file written after every experience; if it exists and ``resume`` is True, the run
+            continues after the last experience it holds.
+        resume: False starts from scratch even if ``checkpoint`` exists (it is then overwritten).
+        stop_after: stop after training this experience index (for staged runs; resume later).
+        progress: show a tqdm bar over experiences.
+        loggers: Avalanche loggers for the evaluator (e.g. :class:`~lightning_cskl.avalanche.WandbLogger`);
+            loggers with ``log_summary`` also get the final accuracy matrix and metrics.
+        eval_stream: stream to evaluate on (default ``benchmark.test_stream``).
+
+    Returns:
+        A :class:`ContinualResult` (accuracy matrix, ACC, AIA, forgetting, BWT).
+
+    Raises:
+        NoDataError: the benchmark has no training experiences, or no evaluation experiences.
+
+    Example:
+        >>> # result = run_continual(split_digits_benchmark("class"), lambda evaluator: CSKLStrategy(
+        >>> #     model=model, optimizer=opt, evaluator=evaluator, train_epochs=5), checkpoint="run.pt")
+        >>> # result.accuracy, result.summary["acc"]
+    """
+    from tqdm.auto import tqdm
+
+    train_stream = list(getattr(benchmark, "train_stream", None) or [])
+    eval_stream = list(eval_stream if eval_stream is not None else getattr(benchmark, "test_stream", None) or [])
+    if not train_stream or not eval_stream:
+        raise NoDataError(
+            f"the benchmark has no data: {len(train_stream)} training and {len(eval_stream)} evaluation "
+            "experiences (check its data root and class split)"
+        )
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True), loggers=list(loggers), strict_checks=False
+    )
+    strategy = strategy_factory(evaluator)
+    if strategy.evaluator is not evaluator:
+        raise ValueError("strategy_factory must pass the evaluator it receives to the strategy (evaluator=evaluator)")
+
+    accuracy: list[list[float]] = []
+    start = 0
+    if checkpoint is not None and resume and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint)
+        _restore(strategy, state, train_stream, eval_stream)
+        accuracy = [list(row) for row in state["accuracy"]]
+        start = state["next_experience"]
+
+    end = len(train_stream) if stop_after is None else min(len(train_stream), stop_after + 1)
+    with tqdm(total=len(train_stream), initial=start, disable=not progress, unit="exp", desc="continual") as bar:
+        for index in range(start, end):
+            strategy.train(train_stream[index], eval_streams=[])
+            metrics = strategy.eval(eval_stream)
+            accuracy.append(_accuracy_row(metrics, len(eval_stream)))
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, strategy, index + 1, accuracy)
+            seen = accuracy[-1][: index + 1]
+            bar.set_postfix(seen_acc=f"{sum(seen) / len(seen):.3f}")
+            bar.update(1)
+
+    result = ContinualResult(accuracy, len(accuracy), len(train_stream), strategy.evaluator.get_last_metrics())
+    if len(accuracy) == len(train_stream):
+        summary = {f"final/{k}": v for k, v in result.summary.items()}
+        summary["final/accuracy_matrix"] = accuracy
+        for logger in loggers:
+            if callable(getattr(logger, "log_summary", None)):
+                logger.log_summary(summary)
+    return result

@@ -1,0 +1,353 @@
+"""CSKLStrategy and CSKLPlugin: Avalanche's plugin hooks mapped onto :class:`~lightning_cskl.core.CenterKernelLearner`.
+
+The plugin holds no math of its own. Per experience it calls, in order:
+
+=============================  ==================================================================
+Avalanche hook                 learner call
+=============================  ==================================================================
+before_train_dataset_adapt.    refuse an experience without samples (before models adapt to it)
+before_training_exp            ``bind`` (rewire) + ``begin_task`` (freeze), then rebuild the
+                               optimizer from the rewired model with a fresh state and
+                               ``attach_optimizer`` (every center step is projected)
+after_backward                 ``before_update`` (DCES scoring steps drop their gradients; later
+                               steps mask unselected channels)
+after_training_exp             ``end_task``: center-input covariance of the experience, fold back
+=============================  ==================================================================
+
+Class-incremental runs with one expanding head add the prototype replay of METHOD.md §4
+(:class:`~lightning_cskl.avalanche.prototypes.PrototypeMemory`): the logits are divided by τ and a loss on
+old-class prototypes passed through the head is added before backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from avalanche.core import BasePlugin, SupervisedPlugin
+from avalanche.models.utils import is_multi_task_module
+from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
+from .prototypes import PrototypeMemory
+
+__all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "find_head"]
+
+PrototypeReplay = Union[Literal["auto"], bool]
+
+
+class EmptyExperienceError(ValueError):
+    """An experience to train on holds no samples."""
+
+
+def _experience_name(experience: Any) -> str:
+    stream = getattr(getattr(experience, "origin_stream", None), "name", "?")
+    return f"experience {getattr(experience, 'current_experience', '?')} of stream {stream!r}"
+
+
+def find_head(model: nn.Module, head: str = "auto") -> nn.Module:
+    """The classifier head whose input is the feature vector: ``head`` by qualified name, or with ``"auto"``
+    the last ``IncrementalClassifier`` of the model, else its last ``nn.Linear``.
+
+    Raises:
+        ValueError: no such module.
+    """
+    if head != "auto":
+        try:
+            return model.get_submodule(head)
+        except AttributeError:
+            raise ValueError(f"head={head!r} is not a module of {type(model).__name__}") from None
+    from avalanche.models import IncrementalClassifier
+
+    for kind in (IncrementalClassifier, nn.Linear):
+        found = [m for m in model.modules() if isinstance(m, kind)]
+        if found:
+            return found[-1]
+    raise ValueError(
+        f"prototype replay needs a classifier head, and {type(model).__name__} has no nn.Linear or "
+        "IncrementalClassifier: pass head='<qualified name>' or prototype_replay=False"
+    )
+
+
+class CSKLPlugin(SupervisedPlugin, supports_distributed=True):
+    """Center-Sensitive Kernel Optimization with DCES as an Avalanche plugin; add it to any SupervisedTemplate.
+
+    The first experience trains every parameter (the base session, ``first_task="full"``); each later one
+    trains only the centers of the chosen convolutions (on the input channels DCES selects, in directions
+    old experiences do not use) plus the classifier head. The optimizer's state is reset at every
+    experience; parameters that Avalanche puts back into the optimizer but that are frozen get no gradient,
+    so they never move.
+
+    Args:
+        config: the engine's options (:class:`~lightning_cskl.core.CenterKernelConfig`); or give its fields
+            as keyword ``options``.
+        prototype_replay: replay one mean feature per old class through the head (METHOD.md §4). ``"auto"``:
+            on for single-head models (class-incremental), off for Avalanche ``MultiTaskModule`` models
+            (task-incremental); True / False force it.
+        prototype_weight: weight of the prototype loss (10).
+        temperature: τ dividing the logits while prototypes are replayed (0.1).
+        head: qualified name of the classifier head (its input is the feature that prototypes store);
+            ``"auto"``: the last ``IncrementalClassifier``, else the last ``nn.Linear``.
+        record_batches: evaluation batches of each experience used for its covariance and prototypes
+            (None: all).
+        **options: fields of :class:`~lightning_cskl.core.CenterKernelConfig`.
+
+    Example:
+        >>> plugin = CSKLPlugin(channel_ratio=0.5)
+        >>> # strategy = Naive(model=model, optimizer=opt, plugins=[plugin]); strategy.train(experience)
+        >>> plugin.config.channel_ratio
+        0.5
+    """
+
+    def __init__(
+        self,
+        config: Optional[CenterKernelConfig] = None,
+        *,
+        prototype_replay: PrototypeReplay = "auto",
+        prototype_weight: float = 10.0,
+        temperature: float = 0.1,
+        head: str = "auto",
+        record_batches: Optional[int] = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.learner = CenterKernelLearner(config, **options)
+        if prototype_replay not in ("auto", True, False):
+            raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use 'auto', True or False")
+        if record_batches is not None and (
+            isinstance(record_batches, bool) or not isinstance(record_batches, int) or record_batches < 1
+        ):
+            raise ValueError(f"record_batches={record_batches!r} is not allowed: use None or an int >= 1")
+        if not isinstance(head, str):
+            raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
+        self.prototype_replay = prototype_replay
+        self.memory = PrototypeMemory(prototype_weight, temperature, seed=self.learner.config.seed)
+        self.head = head
+        self.record_batches = record_batches
+        self._optimizer_handle: Any = None
+        self._replay_head: Optional[nn.Module] = None
+
+    @property
+    def config(self) -> CenterKernelConfig:
+        return self.learner.config
+
+    def check_model(self, model: nn.Module) -> None:
+        """Validate the model-dependent options now, without changing the model.
+
+        Raises:
+            NoEligibleLayerError: ``layers`` selects no convolution whose center can train.
+            ValueError: prototype replay is forced on and no head is found.
+        """
+        resolve_layers(model, self.config.layers)
+        if self.prototype_replay is True or (self.prototype_replay == "auto" and self.head != "auto"):
+            find_head(model, self.head)
+
+    def replays_prototypes(self, model: nn.Module) -> bool:
+        """Whether prototype replay applies to ``model`` (see ``prototype_replay``)."""
+        if self.prototype_replay == "auto":
+            return not is_multi_task_module(model)
+        return bool(self.prototype_replay)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def before_train_dataset_adaptation(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        experience = strategy.experience
+        dataset = getattr(experience, "dataset", None)
+        if dataset is None or len(dataset) == 0:
+            raise EmptyExperienceError(
+                f"{_experience_name(experience)} has no samples: every experience to train on needs data "
+                "(check the benchmark's class split and the data root)"
+            )
+
+    @override
+    def before_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        model = strategy.model
+        self.learner.bind(model)
+        self.learner.begin_task()
+        # Avalanche built the optimizer before the rewiring: take the branch parameters in, drop the ones the
+        # model no longer has, and start from a fresh state (old momentum must not leak into a new task).
+        strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
+        held = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
+        missing = [n for n in self.learner.layers if id(self.learner.trained_tensor(n)) not in held]
+        if missing and not self.learner.is_base_task:
+            raise RuntimeError(
+                f"the optimizer does not hold the center parameters of layers {missing}: the strategy's "
+                "make_optimizer must add every parameter of strategy.model"
+            )
+        self._remove_optimizer_hooks()
+        self._optimizer_handle = self.learner.attach_optimizer(strategy.optimizer)
+        self._replay_head = None
+        if self.replays_prototypes(model) and len(self.memory) and not self.learner.is_base_task:
+            self._replay_head = find_head(model, self.head)
+            self.memory.begin_task(self.learner.tasks_seen)
+
+    @override
+    def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        if self._replay_head is not None:
+            strategy.mb_output = self.memory.scale(strategy.mb_output)
+
+    @override
+    def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        if self._replay_head is not None:
+            strategy.loss = strategy.loss + self.memory.loss(self._replay_head, len(strategy.mb_y))
+
+    @override
+    def after_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self.learner.before_update()
+
+    @override
+    def after_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._remove_optimizer_hooks()
+        self._replay_head = None
+        model = strategy.model
+        head = find_head(model, self.head) if self.replays_prototypes(model) else None
+        dataset = strategy.experience.dataset.eval()
+        loader = DataLoader(
+            dataset, batch_size=strategy.eval_mb_size, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None)
+        )
+        features: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
+        saved_batch = strategy.mbatch
+
+        def run_forward() -> None:
+            # strategy.forward feeds the model exactly as training does (task labels for multi-task models)
+            for index, batch in enumerate(loader):
+                if self.record_batches is not None and index >= self.record_batches:
+                    break
+                strategy.mbatch = [t.to(strategy.device) for t in batch]
+                features.clear()
+                strategy.forward()
+                if head is not None and features:
+                    self.memory.collect(features[-1], strategy.mbatch[1])
+
+        self.memory.begin_collect()
+        try:
+            self.learner.end_task(run_forward)
+        finally:
+            if hook is not None:
+                hook.remove()
+            strategy.mbatch = saved_batch
+        self.memory.end_collect()
+
+    def _remove_optimizer_hooks(self) -> None:
+        if self._optimizer_handle is not None:
+            self._optimizer_handle.remove()
+            self._optimizer_handle = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
+        return {"learner": self.learner.state_dict(), "prototypes": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.memory.load_state_dict(state["prototypes"])
+
+
+def _with_engine_options(init: Callable[..., None]) -> Callable[..., None]:
+    """Publish the engine's options as keyword-only parameters of ``init``'s signature (Avalanche checks
+    keyword names against the signature; CLI parsers read it), written once in CenterKernelConfig."""
+    signature = inspect.signature(init)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    for field in dataclasses.fields(CenterKernelConfig):
+        if field.name in taken:  # `criterion` is Avalanche's loss here: see `projection_criterion`
+            continue
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                        annotation=field.type))
+    init.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return init
+
+
+class CSKLStrategy(SupervisedTemplate):
+    """Avalanche's SupervisedTemplate plus one :class:`CSKLPlugin`: continual learning that trains only
+    kernel centers, DCES-selected and projected away from what old experiences use.
+
+    Works for class-incremental benchmarks (one expanding head, e.g. ``IncrementalClassifier``, with prototype
+    replay) and task-incremental ones (task labels and an Avalanche ``MultiTaskModule`` such as
+    ``MultiHeadClassifier``), with Avalanche's classic benchmarks, ``nc_benchmark`` and
+    ``benchmark_from_datasets``.
+
+    Args:
+        model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator,
+            eval_every, peval_mode: as for Avalanche's ``SupervisedTemplate``. ``plugins`` is copied, never
+            changed; the CSKL plugin is appended to the copy and available as ``strategy.cskl``.
+        config, prototype_replay, prototype_weight, temperature, head, record_batches: see
+            :class:`CSKLPlugin`.
+        projection_criterion: the engine's ``criterion`` option (``"null_space"`` or ``"energy"``), renamed
+            because ``criterion`` is the loss here.
+        **options: the other fields of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
+            ``layers``, ...), which document them.
+
+    Raises:
+        NoEligibleLayerError: ``layers`` selects no convolution of ``model`` whose center can train.
+        ValueError: an option is outside its allowed values (e.g. ``channel_ratio`` not in (0, 1]).
+
+    Example:
+        >>> from lightning_cskl.models import SmallCNN
+        >>> model = SmallCNN(10)
+        >>> strategy = CSKLStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), 1e-3),
+        ...                         train_mb_size=32, train_epochs=2, eval_mb_size=128, evaluator=None,
+        ...                         channel_ratio=0.75)
+        >>> strategy.cskl.config.channel_ratio
+        0.75
+        >>> # for exp in benchmark.train_stream: strategy.train(exp); strategy.eval(benchmark.test_stream)
+    """
+
+    @_with_engine_options
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Optional[Callable[..., torch.Tensor]] = None,
+        train_mb_size: int = 1,
+        train_epochs: int = 1,
+        eval_mb_size: Optional[int] = 1,
+        device: Union[str, torch.device] = "cpu",
+        plugins: Optional[Sequence[BasePlugin]] = None,
+        evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin], None] = default_evaluator,
+        eval_every: int = -1,
+        peval_mode: str = "epoch",
+        config: Optional[CenterKernelConfig] = None,
+        prototype_replay: PrototypeReplay = "auto",
+        prototype_weight: float = 10.0,
+        temperature: float = 0.1,
+        head: str = "auto",
+        record_batches: Optional[int] = None,
+        projection_criterion: Optional[str] = None,
+        **options: Any,
+    ) -> None:
+        if projection_criterion is not None:
+            options["criterion"] = projection_criterion
+        plugin = CSKLPlugin(
+            config,
+            prototype_replay=prototype_replay,
+            prototype_weight=prototype_weight,
+            temperature=temperature,
+            head=head,
+            record_batches=record_batches,
+            **options,
+        )
+        plugin.check_model(model)
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=[*(plugins or ()), plugin],
+            evaluator=evaluator,
+            eval_every=eval_every,
+            peval_mode=peval_mode,
+        )
+        self.cskl = plugin
