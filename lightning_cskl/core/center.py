@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,65 @@ def center_input(conv: _ConvNd, x: Tensor, out_size: tuple[int, ...]) -> Tensor:
     return x[(..., *index)]
 
 
+_POOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _patch_sum(x: Tensor, patch: int) -> Tensor:
+    """Sum over non-overlapping ``patch``-sized cells of the spatial dims (edge cells may be partial)."""
+    ndim = x.dim() - 2
+    pad: list[int] = []
+    for n in reversed(x.shape[2:]):
+        pad += [0, (-n) % patch]
+    return _POOL_FN[ndim](F.pad(x, pad), patch, patch) * patch**ndim
+
+
+def _patch_mean(x: Tensor, patch: int) -> Tensor:
+    """Mean over the same cells as :func:`_patch_sum`, counting only the elements inside the input."""
+    ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    return _patch_sum(x, patch) / _patch_sum(ones, patch)
+
+
+def _patch_expand(x: Tensor, patch: int, size: tuple[int, ...]) -> Tensor:
+    """Repeat each cell value over its patch and crop to ``size`` (inverse layout of :func:`_patch_mean`)."""
+    for dim in range(2, x.dim()):
+        x = x.repeat_interleave(patch, dim=dim)
+    return x[(..., *[slice(0, n) for n in size])]
+
+
+class _FilteredPointwise(torch.autograd.Function):
+    """A 1×1 convolution whose backward uses gradient filtering (Yang et al., CVPR 2023).
+
+    The forward is exact. In the backward the output gradient is replaced by its mean over each
+    ``patch``-sized cell, so the weight gradient needs only the per-cell SUM of the input: that sum is all
+    that is saved (``1/patch^d`` of the input), and the input gradient costs ``1/patch^d`` of the usual one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, groups: int, patch: int) -> Tensor:
+        ndim = x.dim() - 2
+        out = _CONV_FN[ndim](x, weight.reshape(*weight.shape, *([1] * ndim)), None, 1, 0, 1, groups)
+        ctx.groups, ctx.patch, ctx.size = groups, patch, tuple(x.shape[2:])
+        ctx.save_for_backward(_patch_sum(x.detach(), patch), weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x_sum, weight = ctx.saved_tensors
+        groups, patch = ctx.groups, ctx.patch
+        g = _patch_mean(grad_out, patch)
+        n, d = g.shape[:2]
+        c = x_sum.shape[1]
+        g = g.reshape(n, groups, d // groups, -1)
+        w = weight.reshape(groups, d // groups, c // groups)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.einsum("ngdl,ngcl->gdc", g, x_sum.reshape(n, groups, c // groups, -1)).reshape(weight.shape)
+        if ctx.needs_input_grad[0]:
+            cells = torch.einsum("gdc,ngdl->ngcl", w, g).reshape(n, c, *x_sum.shape[2:])
+            grad_x = _patch_expand(cells, patch, ctx.size)
+        return grad_x, grad_w, None, None
+
+
 class CenterDecoupledConv(nn.Module):
     """A convolution whose kernel center is held in a separate trainable 1×1 branch.
 
@@ -123,12 +182,16 @@ class CenterDecoupledConv(nn.Module):
         conv: the original convolution, with its center taps zeroed and all parameters frozen.
         center: the center taps, shape ``(out_channels, in_channels // groups)``, the only trainable tensor.
 
+        gradient_filter: ``None`` (exact backward) or a patch size ``r`` ≥ 2: the branch's backward uses
+            gradient filtering, saving only the ``r``-cell sums of its input (about ``r^d``× less memory).
+
     Build it with :func:`decouple_center`, undo it with :func:`fold_center`.
     """
 
-    def __init__(self, conv: _ConvNd) -> None:
+    def __init__(self, conv: _ConvNd, gradient_filter: Optional[int] = None) -> None:
         super().__init__()
         self.conv = conv
+        self.gradient_filter = gradient_filter
         index = center_slice(conv.kernel_size)
         with torch.no_grad():
             self.center = nn.Parameter(conv.weight[index].detach().clone())
@@ -145,11 +208,16 @@ class CenterDecoupledConv(nn.Module):
         out = self.conv(x)
         ndim = len(self.conv.kernel_size)
         x_center = center_input(self.conv, x, tuple(out.shape[-ndim:]))
+        if self.gradient_filter and torch.is_grad_enabled() and self.center.requires_grad:
+            batched = x_center if x_center.dim() == ndim + 2 else x_center.unsqueeze(0)
+            branch = _FilteredPointwise.apply(batched, self.center, self.conv.groups, self.gradient_filter)
+            return out + branch.reshape(out.shape)
         weight = self.center.reshape(*self.center.shape, *([1] * ndim))
         return out + _CONV_FN[ndim](x_center, weight, None, 1, 0, 1, self.conv.groups)
 
     def extra_repr(self) -> str:
-        return f"center={tuple(self.center.shape)}"
+        text = f"center={tuple(self.center.shape)}"
+        return text + (f", gradient_filter={self.gradient_filter}" if self.gradient_filter else "")
 
 
 def is_center_decoupled(module: nn.Module) -> bool:
@@ -157,21 +225,25 @@ def is_center_decoupled(module: nn.Module) -> bool:
     return isinstance(module, CenterDecoupledConv)
 
 
-def decouple_center(conv: nn.Module) -> CenterDecoupledConv:
+def decouple_center(conv: nn.Module, gradient_filter: Optional[int] = None) -> CenterDecoupledConv:
     """Move the center taps of ``conv`` into a trainable 1×1 branch; the function is unchanged.
 
-    Idempotent: an already decoupled module is returned as is.
+    Idempotent: an already decoupled module is returned as is (its ``gradient_filter`` is updated).
 
     Raises:
         TypeError: if ``conv`` is not a Conv1d/Conv2d/Conv3d.
-        ValueError: if its kernel has an even dimension.
+        ValueError: if its kernel has an even dimension, or ``gradient_filter`` is not None or an int ≥ 2.
     """
+    if gradient_filter is not None and (isinstance(gradient_filter, bool) or not isinstance(gradient_filter, int)
+                                        or gradient_filter < 2):
+        raise ValueError(f"gradient_filter={gradient_filter!r} is not allowed: use None or a patch size >= 2")
     if isinstance(conv, CenterDecoupledConv):
+        conv.gradient_filter = gradient_filter
         return conv
     if not isinstance(conv, _CONV_TYPES) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
         raise TypeError(f"decouple_center needs an nn.Conv1d/Conv2d/Conv3d, got {type(conv).__name__}")
     center_index(conv.kernel_size)  # validates odd kernel
-    return CenterDecoupledConv(conv)
+    return CenterDecoupledConv(conv, gradient_filter)
 
 
 def fold_center(module: nn.Module) -> nn.Module:

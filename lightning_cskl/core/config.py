@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from .projection import ProjectionCriterion
 from .selection import SelectionCriterion, validate_channel_ratio
@@ -48,6 +48,10 @@ class CenterKernelConfig:
             only centers (use :meth:`CenterKernelLearner.record` to protect a pretrained model's knowledge).
         train_also: modules trained fully besides the centers during incremental tasks: ``"auto"`` (every
             ``nn.Linear``: the classifier head), a list of qualified names or a regex, or None.
+        gradient_filter: None (exact) or a patch size r ≥ 2: the decoupled branches back-propagate with
+            gradient filtering (output gradient averaged over r×r cells), which saves only the r×r sums of their
+            inputs, about r²× less activation memory for the trained layers; the forward stays exact. 1×1
+            convolutions trained in place and mask mode are not filtered.
         freeze_batchnorm: keep every BatchNorm in eval mode with frozen statistics during incremental tasks.
         seed: seed of the ``"random"`` selection.
 
@@ -73,6 +77,7 @@ class CenterKernelConfig:
     mode: Literal["decouple", "mask"] = "decouple"
     first_task: Literal["full", "center"] = "full"
     train_also: Union[str, list[str], None] = "auto"
+    gradient_filter: Optional[int] = None
     freeze_batchnorm: bool = True
     seed: int = 0
 
@@ -91,6 +96,11 @@ class CenterKernelConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} is not allowed: it must lie in [0, 1]")
+        if self.gradient_filter is not None and (
+            isinstance(self.gradient_filter, bool) or not isinstance(self.gradient_filter, int)
+            or self.gradient_filter < 2
+        ):
+            raise ValueError(f"gradient_filter={self.gradient_filter!r} is not allowed: use None or a patch size >= 2")
         if isinstance(self.layers, (list, tuple)):
             if not self.layers or not all(isinstance(n, str) for n in self.layers):
                 raise ValueError(f"layers={self.layers!r} is not allowed: a list must hold at least one module name")

@@ -203,8 +203,8 @@ class CenterKernelLearner:
             module = model.get_submodule(name)
             conv = _conv_of(module)
             in_place = self.config.mode == "mask" or all(k == 1 for k in conv.kernel_size)
-            if not in_place and not isinstance(module, CenterDecoupledConv):
-                set_submodule(model, name, decouple_center(module))
+            if not in_place:
+                set_submodule(model, name, decouple_center(module, self.config.gradient_filter))
             self.layers[name] = _Layer(
                 name, conv.groups, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), in_place
             )
