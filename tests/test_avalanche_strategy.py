@@ -115,10 +115,11 @@ def _old_task_accuracy(result) -> float:
 @pytest.fixture(scope="module")
 def class_runs(tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp("class") / "run.pt"
-    cskl = run_continual(split_digits_benchmark("class"), _factory("class", "cskl"), checkpoint=checkpoint,
-                         progress=False)
+    checker = FrozenStaysFrozen()
+    cskl = run_continual(split_digits_benchmark("class"), _factory("class", "cskl", plugins=[checker]),
+                         checkpoint=checkpoint, progress=False)
     naive = run_continual(split_digits_benchmark("class"), _factory("class", "naive"), progress=False)
-    return cskl, naive, checkpoint
+    return cskl, naive, checkpoint, checker
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +137,9 @@ def task_runs(tmp_path_factory):
 
 
 def test_class_incremental_beats_naive_on_old_tasks(class_runs):
-    cskl, naive, _ = class_runs
+    cskl, naive, _, checker = class_runs
     assert cskl.completed == cskl.total == 4 and len(cskl.accuracy[-1]) == 4
+    assert checker.checked == 3  # frozen parameters and BatchNorm statistics never moved
     # measured: CSKL 0.73 (0.88, 0.69, 0.63) vs Naive 0.00 on the old experiences after the last one;
     # forgetting -0.08 vs 1.00 (prototype replay even lifts old classes while the head trains)
     assert _old_task_accuracy(cskl) > _old_task_accuracy(naive) + 0.45
@@ -158,7 +160,7 @@ def test_task_incremental_keeps_old_tasks_and_frozen_parameters_never_move(task_
 
 
 def test_resume_after_a_crash_ends_with_the_same_metrics(class_runs, tmp_path):
-    uninterrupted, _, finished_checkpoint = class_runs
+    uninterrupted, _, finished_checkpoint, _ = class_runs
     checkpoint = tmp_path / "run.pt"
     bm = split_digits_benchmark("class")
     with pytest.raises(KeyboardInterrupt, match="simulated crash before experience 2"):
@@ -172,6 +174,18 @@ def test_resume_after_a_crash_ends_with_the_same_metrics(class_runs, tmp_path):
     assert load_checkpoint(finished_checkpoint)["next_experience"] == 4
     for name in ("learner", "prototypes"):
         assert name in next(iter(state["plugins"].values()))
+
+
+def test_resume_task_incremental_rebuilds_the_heads(task_runs, tmp_path):
+    uninterrupted = task_runs[0]
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt, match="simulated crash before experience 3"):
+        run_continual(split_digits_benchmark("task"), _factory("task", "cskl", plugins=[CrashBefore(3)]),
+                      checkpoint=checkpoint, progress=False)
+    # a fresh model has one head; the checkpoint holds three: the run replays the adaptations, then loads
+    resumed = run_continual(split_digits_benchmark("task"), _factory("task", "cskl"), checkpoint=checkpoint,
+                            progress=False)
+    assert resumed.accuracy == uninterrupted.accuracy
 
 
 def test_wandb_offline_run_holds_the_metrics(task_runs):

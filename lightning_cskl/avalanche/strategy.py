@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -209,9 +210,9 @@ class CSKLPlugin(SupervisedPlugin, supports_distributed=True):
         model = strategy.model
         head = find_head(model, self.head) if self.replays_prototypes(model) else None
         dataset = strategy.experience.dataset.eval()
-        loader = DataLoader(
-            dataset, batch_size=strategy.eval_mb_size, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None)
-        )
+        # BatchNorm is in eval mode here, so the batch size only sets the speed (eval_mb_size defaults to 1)
+        batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None))
         features: list[torch.Tensor] = []
         hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
         saved_batch = strategy.mbatch
@@ -257,11 +258,12 @@ def _with_engine_options(init: Callable[..., None]) -> Callable[..., None]:
     signature = inspect.signature(init)
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     taken = {p.name for p in params}
+    hints = typing.get_type_hints(CenterKernelConfig)  # real types, not strings, for CLI parsers
     for field in dataclasses.fields(CenterKernelConfig):
         if field.name in taken:  # `criterion` is Avalanche's loss here: see `projection_criterion`
             continue
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                        annotation=field.type))
+                                        annotation=hints.get(field.name, inspect.Parameter.empty)))
     init.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     return init
 
