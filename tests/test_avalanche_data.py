@@ -16,6 +16,8 @@ from lightning_cskl.data import (
 )
 from lightning_cskl.models import SmallCNN
 
+pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # tiny models: one thread is fastest, and it stays fast when other processes share the 2 cores

@@ -3,8 +3,6 @@ parameters that never move, resume after a crash, W&B offline files, clear error
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from avalanche.benchmarks import benchmark_from_datasets
@@ -31,7 +29,7 @@ from lightning_cskl.core import NoEligibleLayerError
 from lightning_cskl.data import split_digits, split_digits_benchmark
 from lightning_cskl.models import SmallCNN
 
-warnings.filterwarnings("ignore", message="No loggers specified")
+pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -222,6 +220,33 @@ def test_benchmark_from_datasets_and_caller_plugins_untouched():
     result = run_continual(bm, build, progress=False)
     assert len(caller_plugins) == 1  # the caller's list is never mutated
     assert result.accuracy[0][0] > 0.5 and result.accuracy[-1][0] > 0.3
+
+
+class RaiseOnce(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.armed = True
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self.armed and strategy.experience.current_experience == 1 and strategy.clock.train_exp_iterations == 10:
+            self.armed = False
+            raise RuntimeError("boom")
+
+
+def test_an_experience_that_raised_can_be_trained_again():
+    from lightning_cskl.core import is_center_decoupled
+
+    bm = split_digits_benchmark("class", base_classes=6)
+    torch.manual_seed(0)
+    model = ClassIncrementalNet(SmallCNN(10, width=4).features, 8)
+    strategy = CSKLStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), 1e-3), train_mb_size=32,
+                            train_epochs=2, eval_mb_size=512, evaluator=None, plugins=[RaiseOnce()])
+    strategy.train(bm.train_stream[0])
+    with pytest.raises(RuntimeError, match="boom"):
+        strategy.train(bm.train_stream[1])  # dies mid-task, after DCES selected channels
+    strategy.train(bm.train_stream[1])
+    assert strategy.cskl.learner.tasks_seen == 2 and strategy.cskl.learner.phase == "idle"
+    assert not any(is_center_decoupled(m) for m in model.modules())  # folded back: the original architecture
 
 
 # ---------------------------------------------------------------------------------------------- errors

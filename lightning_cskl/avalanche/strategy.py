@@ -170,6 +170,9 @@ class CSKLPlugin(SupervisedPlugin, supports_distributed=True):
     @override
     def before_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         model = strategy.model
+        if self.learner.phase != "idle" and self.learner.model is model:
+            # the previous experience raised before it ended: start this one afresh (its branches stay bound)
+            self.learner.abort_task()
         self.learner.bind(model)
         self.learner.begin_task()
         # Avalanche built the optimizer before the rewiring: take the branch parameters in, drop the ones the
