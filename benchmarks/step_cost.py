@@ -108,6 +108,7 @@ def measure_net(
     repeats: int,
     time_budget: float,
     score_batches: int,
+    clock: Callable[[], float],
     seed: int,
     layers: str = "auto",
 ) -> dict[str, Any]:
@@ -153,7 +154,7 @@ def measure_net(
     repeats = min(repeats, max(MIN_REPEATS, int(time_budget / max(round_s, 1e-9))))
     print(f"[{name}] timing {repeats} interleaved rounds (~{round_s:.1f} s each) ...", flush=True)
     load_before = os.getloadavg()[0]
-    times = median_step_times(steps, 0, repeats)
+    times = median_step_times(steps, 0, repeats, clock)
     load_after = os.getloadavg()[0]
     full_cost.step_time_s = times["full"]
     csko_cost.step_time_s = times["csko"]
@@ -169,6 +170,7 @@ def measure_net(
         {"csko": lambda: (learner.before_update(), optimizer.step()), "plain": plain_opt.step},
         warmup=5,
         repeats=OPTIMIZER_REPEATS,
+        clock=clock,
     )
 
     trained = {n: learner.trained_tensor(n) for n in learner.layers}
@@ -314,6 +316,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--score-batches", type=int, default=2, help="DCES scoring steps before the measured steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="step time: wall time (default) or this process's CPU time (robust on a machine "
+                             "shared with other jobs; use with --threads 1)")
     parser.add_argument("--markdown", default="outputs/step_cost.md", help="where to write the Markdown tables")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -333,7 +338,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     results = [
         measure_net(
             name, factory, args.batch_size, args.warmup, args.repeats, args.time_budget, args.score_batches,
-            args.seed, layers,
+            time.perf_counter if args.clock == "wall" else time.process_time, args.seed, layers,
         )
         for name, (factory, layers) in nets.items()
     ]
@@ -342,7 +347,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     header = (
         f"Batch size {args.batch_size}, 32×32×3 synthetic inputs, 10 classes, Adam (lr 1e-4, wd 5e-4), "
         f"CsKO channel_ratio 0.75, null-space θ=5, measured after {args.score_batches} DCES scoring steps; step "
-        f"times are medians of interleaved rounds (full, CsKO, CsKO without projection). Machine: {machine}.\n"
+        f"times ({args.clock} clock) are medians of interleaved rounds (full, CsKO, CsKO without projection). "
+        f"Machine: {machine}.\n"
         f"Command: `python {shlex.join(['benchmarks/step_cost.py', *(argv if argv is not None else sys.argv[1:])])}`"
     )
     if args.markdown:

@@ -178,6 +178,8 @@ def test_median_step_times_validates_and_interleaves():
     assert calls == ["a", "b"] * 4
     assert set(times) == {"a", "b"}
     assert median_step_time(lambda: None, warmup=0, repeats=1) >= 0
+    ticks = iter(range(0, 1000, 5)).__next__  # a clock that advances 5 units per reading
+    assert median_step_times({"a": lambda: None}, warmup=0, repeats=3, clock=ticks) == {"a": 5}
     with pytest.raises(ValueError, match=r"repeats=0 are not allowed"):
         median_step_times({"a": lambda: None}, repeats=0)
 
