@@ -13,6 +13,7 @@ from lightning_cskl.core import (
     NoEligibleLayerError,
     free_basis,
     layer_projector,
+    project_update,
     resolve_layers,
     select_channels,
 )
@@ -107,10 +108,18 @@ def test_free_basis_criteria():
 def test_projector_restricts_to_selected_block_before_eigendecomposition():
     cov = torch.tensor([[[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
     selected = torch.tensor([True, True, False])
-    projector, free = layer_projector(cov, selected, "null_space", null_space_factor=1.0)
+    basis, free = layer_projector(cov, selected, "null_space", null_space_factor=1.0)
     assert free.tolist() == [1]
-    expected = torch.tensor([[0.5, -0.5, 0.0], [-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
-    assert torch.allclose(projector[0], expected, atol=1e-6)
+    expected = torch.tensor([[0.5, -0.5, 0.0], [-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(basis[0] @ basis[0].T, expected, atol=1e-6)
+
+
+def test_depthwise_layer_frees_only_low_energy_channels():
+    cov = torch.tensor([4.0, 0.01, 9.0, 0.02]).reshape(4, 1, 1)  # one channel per group
+    basis, free = layer_projector(cov, torch.ones(4, dtype=torch.bool), "null_space", null_space_factor=5.0)
+    assert free.tolist() == [0, 1, 0, 1]
+    update = torch.ones(8, 1)  # 2 output channels per group
+    assert project_update(update, basis).squeeze(1).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -296,6 +305,36 @@ def test_scoring_steps_move_nothing(closure):
     assert learner.phase == "training" and learner.selected["conv2"].sum() == 6
 
 
+def test_auto_prefers_deep_kxk_convolutions():
+    from lightning_cskl.models import mobilenet_v2, resnet18
+
+    assert resolve_layers(resnet18(nf=8), "auto") == ["layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"]
+    chosen = resolve_layers(mobilenet_v2(width=0.25), "auto")
+    assert len(chosen) == 3 and all(n.endswith("block.3") for n in chosen)  # the last depthwise 3×3 convs
+    only_pointwise = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1, groups=2))
+    assert resolve_layers(only_pointwise, "auto") == ["0", "1"]
+
+
+def test_frozen_batchnorm_matches_eval_mode_and_saves_no_input():
+    from lightning_cskl.core.accounting import saved_activation_bytes
+
+    torch.manual_seed(0)
+    net = Net()
+    net.bn2.running_mean.uniform_(-1, 1)
+    net.bn2.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 6, 6)
+    expected = net.eval()(x)
+    learner = CenterKernelLearner(layers=["conv3"], first_task="center")
+    learner.bind(net)
+    learner.begin_task()
+    net.train()  # as frameworks do every epoch
+    assert torch.allclose(net(x), expected, atol=1e-5)
+    bn_input = torch.randn(4, 8, 6, 6, requires_grad=True)
+    assert saved_activation_bytes(lambda: net.bn2(bn_input).sum().backward()) < bn_input.numel()
+    learner.end_task(lambda: net(x))
+    assert "forward" not in net.bn2.__dict__
+
+
 def test_layer_choice():
     net = Net()
     assert resolve_layers(net, "auto") == ["conv2", "conv3"]
@@ -315,8 +354,7 @@ def test_layer_choice_errors_name_the_layer_or_pattern():
         resolve_layers(even, ["1"])
     with pytest.raises(NoEligibleLayerError, match="MLP|Sequential has no convolution that can train its center"):
         resolve_layers(nn.Sequential(nn.Linear(2, 2)), "auto")
-    with pytest.raises(NoEligibleLayerError, match="layers='auto' found no ungrouped"):
-        resolve_layers(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "auto")
+    assert resolve_layers(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "auto") == ["0"]
 
 
 @pytest.mark.parametrize(

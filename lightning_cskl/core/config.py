@@ -23,9 +23,10 @@ class CenterKernelConfig:
     """Options of Center-Sensitive Kernel Optimization with Dynamic Channel Element Selection.
 
     Args:
-        layers: which convolutions train their center. ``"auto"`` (default): the deepest quarter (at least
-            two) of the odd-kernel, ungrouped convolutions in registration order, since the center carries
-            the most knowledge in deeper layers; ``"all"``: every odd-kernel convolution, grouped and
+        layers: which convolutions train their center. ``"auto"`` (default): the deepest eighth (at least
+            two) of the odd k×k convolutions (k > 1, depthwise included) in registration order, since the
+            center carries the most knowledge in deeper layers; 1×1 convolutions only if there is no k×k one;
+            ``"all"``: every odd-kernel convolution, grouped and
             depthwise included; a list of qualified module names; or a regular expression matched in full
             against qualified names. A 1×1 convolution is all center: its whole weight trains in place.
         channel_ratio: fraction of input channels per layer whose center weights may change in a task, (0, 1].
@@ -34,8 +35,9 @@ class CenterKernelConfig:
             updates are skipped, so no weight moves before the selection is made).
         criterion: free subspace rule: ``"null_space"`` (λ ≤ θ·λ_min) or ``"energy"`` (protect ε energy).
         null_space_factor: θ of the null-space rule (> 0).
-        null_space_reference: ``"layer"`` (default): θ·λ_min uses the layer's whole covariance, so selecting
-            fewer channels never loosens the protection; ``"selected"``: λ_min of ``Σ[S, S]``.
+        null_space_reference: ``"selected"`` (default, the research code's rule): λ_min of ``Σ[S, S]``;
+            ``"layer"``: λ_min of the layer's whole covariance, stricter (a principal submatrix's eigenvalues
+            never fall below it), which can leave no free direction at all.
         energy: ε of the energy rule for the first incremental task, in [0, 1].
         energy_step: added to ε per further task (GPM uses 0.003); ε is capped at 1.
         project: False disables the null-space projection (channel masking only): the ablation
@@ -70,7 +72,7 @@ class CenterKernelConfig:
     score_batches: int = 8
     criterion: ProjectionCriterion = "null_space"
     null_space_factor: float = 5.0
-    null_space_reference: Literal["layer", "selected"] = "layer"
+    null_space_reference: Literal["layer", "selected"] = "selected"
     energy: float = 0.97
     energy_step: float = 0.003
     project: bool = True

@@ -19,6 +19,7 @@ values); projectors are rebuilt from it. The learner imports torch only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -79,7 +80,7 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))
         >>> resolve_layers(net, "auto")
-        ['2', '3']
+        ['0', '2']
         >>> resolve_layers(net, r"[02]")
         ['0', '2']
     """
@@ -93,14 +94,12 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
     if layers == "all":
         return [n for n, _ in eligible]
     if layers == "auto":
-        ungrouped = [n for n, m in eligible if _conv_of(m).groups == 1]
-        if not ungrouped:
-            raise NoEligibleLayerError(
-                f"layers='auto' found no ungrouped odd-kernel convolution in {type(model).__name__}; "
-                "pass layers='all' to train grouped/depthwise convolutions, or a list of names"
-            )
-        count = min(len(ungrouped), max(2, -(-len(ungrouped) // 4)))
-        return ungrouped[-count:]
+        # the deepest eighth (at least two) of the k×k convolutions: the center matters most in deep layers;
+        # 1×1 convolutions (all center, so the whole weight would train) only when there is no k×k one
+        spatial = [n for n, m in eligible if any(k > 1 for k in _conv_of(m).kernel_size)]
+        pool = spatial or [n for n, m in eligible if _conv_of(m).groups == 1] or [n for n, _ in eligible]
+        count = min(len(pool), max(2, -(-len(pool) // 8)))
+        return pool[-count:]
     names = {n for n, _ in convs}
     if isinstance(layers, list):
         missing = [n for n in layers if n not in names]
@@ -178,7 +177,8 @@ class CenterKernelLearner:
         self.free_dims: dict[str, int] = {}
         self.new_selection = False
         self._flags: dict[int, bool] = {}
-        self._bn_handles: list[RemovableHandle] = []
+        self._frozen_bn: list[nn.Module] = []
+        self._tensors: dict[str, Tensor] = {}
         self._snapshots: dict[str, Tensor] = {}
         self._grad_masks: dict[str, Tensor] = {}
 
@@ -198,7 +198,7 @@ class CenterKernelLearner:
                 f"{sorted(self.covariances)}: bind the same architecture with the same `layers`"
             )
         self._flags = {id(p): p.requires_grad for p in model.parameters()}
-        self.layers = {}
+        self.layers, self._tensors = {}, {}
         for name in names:
             module = model.get_submodule(name)
             conv = _conv_of(module)
@@ -221,13 +221,17 @@ class CenterKernelLearner:
         for p in model.parameters():
             if id(p) in self._flags:
                 p.requires_grad_(self._flags[id(p)])
-        self.model, self.layers, self.projectors, self._grad_masks = None, {}, {}, {}
+        self.model, self.layers, self.projectors, self._grad_masks, self._tensors = None, {}, {}, {}, {}
         return model
 
     def trained_tensor(self, name: str) -> Tensor:
         """The parameter that trains for layer ``name``: the branch center, or the conv weight in place."""
-        module = self._require_model().get_submodule(name)
-        return module.center if isinstance(module, CenterDecoupledConv) else module.weight
+        tensor = self._tensors.get(name)
+        if tensor is None:  # looked up once per bind: modules are replaced only by bind/unbind
+            module = self._require_model().get_submodule(name)
+            tensor = module.center if isinstance(module, CenterDecoupledConv) else module.weight
+            self._tensors[name] = tensor
+        return tensor
 
     def _center_view(self, name: str, tensor: Tensor) -> Tensor:
         layer = self.layers[name]
@@ -281,11 +285,12 @@ class CenterKernelLearner:
                 p.requires_grad_(self._flags.get(id(p), True))
         for name in self.layers:
             self.trained_tensor(name).requires_grad_(True)
-        if self.config.freeze_batchnorm and not self._bn_handles:
+        if self.config.freeze_batchnorm and not self._frozen_bn:
             for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-                    self._bn_handles.append(module.register_forward_pre_hook(_keep_eval))
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+                    # an instance attribute shadows the class's forward; `del` restores it
+                    module.forward = functools.partial(_frozen_batchnorm_forward, module)
+                    self._frozen_bn.append(module)
 
     def _train_also_modules(self) -> list[str]:
         spec = self.config.train_also
@@ -300,14 +305,9 @@ class CenterKernelLearner:
         return names
 
     def _release_batchnorm(self) -> None:
-        for handle in self._bn_handles:
-            handle.remove()
-        self._bn_handles = []
-        if self.model is not None:
-            training = self.model.training
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.train(training)
+        for module in self._frozen_bn:
+            module.__dict__.pop("forward", None)
+        self._frozen_bn = []
 
     def end_task(self, run_forward: Callable[[], Any], fold: bool = True) -> None:
         """Record this task's center-input covariance, then fold and unfreeze.
@@ -376,14 +376,15 @@ class CenterKernelLearner:
             cg = layer.in_channels // layer.groups
             selected = self.selected[name]
             if cfg.project and name in self.covariances:
-                projector, free = layer_projector(
+                basis, free = layer_projector(
                     self.covariances[name], selected, cfg.criterion, cfg.null_space_factor, energy,
                     cfg.null_space_reference,
                 )
-            else:
-                projector = torch.diag_embed(selected.reshape(layer.groups, cg).to(torch.float32))
+            else:  # no projection: the basis is the selected coordinate vectors (masking only)
+                eye = torch.eye(cg, dtype=torch.float64).expand(layer.groups, cg, cg)
+                basis = eye * selected.reshape(layer.groups, 1, cg).to(torch.float64)
                 free = selected.reshape(layer.groups, cg).sum(1)
-            self.projectors[name] = projector.to(device=tensor.device, dtype=tensor.dtype)
+            self.projectors[name] = basis.to(device=tensor.device, dtype=tensor.dtype)
             self.free_dims[name] = int(free.sum())
             column_mask = selected.reshape(layer.groups, 1, cg).to(device=tensor.device, dtype=tensor.dtype)
             self._grad_masks[name] = column_mask
@@ -543,6 +544,18 @@ class _OptimizerHandle:
             handle.remove()
 
 
-def _keep_eval(module: nn.Module, args: Iterable[Tensor]) -> None:
-    # frameworks call model.train() at every epoch; a frozen BatchNorm must stay in eval mode regardless
-    module.training = False
+def _frozen_batchnorm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """Eval-mode BatchNorm as a constant per-channel affine map, whatever ``module.training`` says.
+
+    Frameworks call ``model.train()`` every epoch, so the mode flag cannot keep statistics frozen; and
+    ``F.batch_norm`` saves its input for backward even in eval mode, while ``x * scale + shift`` with constant
+    ``scale`` saves only ``scale``.
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and module.weight is not None and module.weight.requires_grad):
+        scale = torch.rsqrt(module.running_var + module.eps)
+        shift = -module.running_mean * scale
+        if module.weight is not None:
+            scale = scale * module.weight
+            shift = shift * module.weight + module.bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.to(x.dtype).reshape(shape) + shift.to(x.dtype).reshape(shape)
