@@ -1,0 +1,497 @@
+"""The methods of the comparison (PROTOCOL.md), each an Avalanche strategy built by name from :data:`METHODS`.
+
+=================  ==========================================================================================
+name               what trains after the base session (experience 0 always trains every parameter)
+=================  ==========================================================================================
+``full_finetune``  everything (Avalanche ``Naive``)
+``last_layer``     the classifier head
+``bias_only``      every bias (conv, BatchNorm, linear) and the head (TinyTL-style)
+``sparse_update``  whole k×k kernels of the last convolutions on the input channels of largest weight
+                   magnitude, and the head (MCUNetV3-style; no anti-forgetting)
+``ewc``, ``lwf``   everything, with Avalanche's ``EWCPlugin`` / ``LwFPlugin``
+``gpm``            whole k×k kernels of the last convolutions, each step projected away from old tasks'
+                   unfolded C·k² input patches by the energy criterion (GPM), and the head
+``adam_nscl``      the same with the null-space criterion (Adam-NSCL)
+``center_only``    CsKO centers of all channels, no projection (ablation)
+``csko``           CsKO on all channels with projection (CsKO without DCES)
+``csko_dces``      CsKO + DCES (the method, engine defaults)
+=================  ==========================================================================================
+
+Methods other than ``full_finetune``, ``ewc`` and ``lwf`` keep BatchNorm statistics frozen after the base
+session, so what they do not train stays bit-identical. "The last convolutions" are those CsKO trains with
+``layers="auto"`` (:func:`~lightning_cskl.core.resolve_layers`), so the projection baselines and CsKO train
+the same layers. Every plugin resets the optimizer state at each experience, as :class:`CSKLPlugin` does.
+
+Every factory has the same keyword signature (see :func:`build_method`)::
+
+    strategy = METHODS["gpm"](model=model, optimizer=optimizer, evaluator=evaluator,
+                              train_epochs=5, train_mb_size=32, eval_mb_size=256)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+from avalanche.core import BasePlugin, SupervisedPlugin
+from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+from avalanche.training import Naive
+from avalanche.training.plugins import EWCPlugin, LwFPlugin
+from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from ..core import resolve_layers
+from ..core.full_kernel import FullKernelCovariance, full_kernel_projector, project_kernel_update
+from ..core.projection import ProjectionCriterion
+from ..core.selection import channel_scores, select_channels, validate_channel_ratio
+from .strategy import CSKLStrategy
+
+__all__ = [
+    "BiasOnlyPlugin",
+    "FullKernelProjectionPlugin",
+    "IncrementalFreezePlugin",
+    "LastLayerPlugin",
+    "METHODS",
+    "SparseUpdatePlugin",
+    "UnknownMethodError",
+    "build_method",
+    "find_classifier",
+]
+
+Evaluator = Union[EvaluationPlugin, Callable[[], EvaluationPlugin], None]
+
+
+class UnknownMethodError(ValueError):
+    """A method name that is not in :data:`METHODS`."""
+
+
+def find_classifier(model: nn.Module, head: str = "auto") -> str:
+    """Qualified name of the classifier head: ``head`` itself, or with ``"auto"`` the last outermost Avalanche
+    ``IncrementalClassifier`` / ``MultiHeadClassifier`` of the model, else its last ``nn.Linear``.
+
+    Example:
+        >>> from lightning_cskl.avalanche import TaskIncrementalNet
+        >>> from lightning_cskl.models import SmallCNN
+        >>> find_classifier(TaskIncrementalNet(SmallCNN(10).features, 32))
+        'head'
+
+
+    Raises:
+        ValueError: no such module.
+    """
+    names = dict(model.named_modules())
+    if head != "auto":
+        if head not in names:
+            raise ValueError(f"head={head!r} is not a module of {type(model).__name__}")
+        return head
+    for kinds in ((IncrementalClassifier, MultiHeadClassifier), (nn.Linear,)):
+        found = [n for n, m in names.items() if isinstance(m, kinds)]
+        # outermost only: a MultiHeadClassifier holds one IncrementalClassifier per task
+        outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+        if outer:
+            return outer[-1]
+    raise ValueError(f"{type(model).__name__} has no classifier head (nn.Linear or Avalanche classifier): "
+                     "pass head='<qualified name>'")
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
+    """Base of the on-device and projection baselines: experience 0 (the base session) trains every
+    parameter; every later one trains only :meth:`trainable` and keeps BatchNorm in eval mode.
+
+    Subclasses choose the trained parameters and may hook the optimizer's steps (:meth:`begin_experience`).
+    Frozen parameters stay in Avalanche's optimizer but never get a gradient, so they never move.
+
+    Args:
+        head: the classifier head (see :func:`find_classifier`).
+    """
+
+    def __init__(self, head: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(head, str):
+            raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
+        self.head = head
+        self.experiences_seen = 0
+        self._handles: list[Any] = []
+
+    @property
+    def is_base(self) -> bool:
+        return self.experiences_seen == 0
+
+    def trainable(self, model: nn.Module) -> list[str]:
+        """Qualified names of the parameters that train after the base session."""
+        prefix = find_classifier(model, self.head)
+        return [n for n, _ in model.named_parameters() if n.startswith(prefix + ".")]
+
+    def check_model(self, model: nn.Module) -> None:
+        """Validate the model-dependent options now (head, layers), without changing the model.
+
+        Raises:
+            ValueError: no such head, or ``layers`` selects no convolution whose kernel can be unfolded.
+        """
+        self.trainable(model)
+
+    def begin_experience(self, strategy: SupervisedTemplate) -> None:
+        """Called after freezing and the fresh optimizer, for incremental experiences only."""
+
+    def end_experience(self, strategy: SupervisedTemplate) -> None:
+        """Called at the end of every experience (the base session included), before the counter moves."""
+
+    def _freeze_batchnorm(self, model: nn.Module) -> None:
+        if not self.is_base:
+            for module in _batchnorms(model):
+                module.eval()
+
+    @override
+    def before_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        model = strategy.model
+        self._remove_hooks()
+        if self.is_base:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            keep = set(self.trainable(model))
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in keep)
+            self._freeze_batchnorm(model)
+        strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
+        if not self.is_base:
+            self.begin_experience(strategy)
+
+    @override
+    def before_training_epoch(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._freeze_batchnorm(strategy.model)  # periodic evaluation may have restored train mode
+
+    @override
+    def after_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._remove_hooks()
+        self.end_experience(strategy)
+        self.experiences_seen += 1
+        for p in strategy.model.parameters():
+            p.requires_grad_(True)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
+        return {"experiences_seen": self.experiences_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.experiences_seen = int(state["experiences_seen"])
+
+
+class LastLayerPlugin(IncrementalFreezePlugin):
+    """After the base session only the classifier head trains."""
+
+
+class BiasOnlyPlugin(IncrementalFreezePlugin):
+    """After the base session every bias (convolutions, BatchNorm shifts, linear layers) and the head train
+    (TinyTL-style bias-only update; BatchNorm statistics frozen)."""
+
+    @override
+    def trainable(self, model: nn.Module) -> list[str]:
+        head = set(super().trainable(model))
+        return [n for n, _ in model.named_parameters() if n in head or n.rsplit(".", 1)[-1] == "bias"]
+
+
+def _conv_layers(model: nn.Module, layers: Union[str, list[str]]) -> dict[str, nn.Conv2d]:
+    from ..core.full_kernel import validate_full_kernel_conv
+
+    return {name: validate_full_kernel_conv(name, model.get_submodule(name)) for name in resolve_layers(model, layers)}
+
+
+class SparseUpdatePlugin(IncrementalFreezePlugin):
+    """MCUNetV3-style sparse update: the whole k×k kernels of ``layers`` train, restricted to the input
+    channels of largest weight magnitude (chosen anew each experience), plus the head. No anti-forgetting.
+
+    The restriction holds for the optimizer's step itself (weight decay and momentum included): the
+    unselected input channels are put back after every step.
+
+    Args:
+        layers: which convolutions train (``"auto"``: those CsKO would train; see
+            :func:`~lightning_cskl.core.resolve_layers`).
+        channel_ratio: fraction of input channels per layer that train, (0, 1].
+        head: the classifier head.
+    """
+
+    def __init__(self, layers: Union[str, list[str]] = "auto", channel_ratio: float = 0.5, head: str = "auto") -> None:
+        super().__init__(head)
+        self.layers = layers
+        self.channel_ratio = validate_channel_ratio(channel_ratio)
+        self.selected: dict[str, Tensor] = {}
+
+    @override
+    def trainable(self, model: nn.Module) -> list[str]:
+        weights = [f"{name}.weight" for name in _conv_layers(model, self.layers)]
+        return weights + super().trainable(model)
+
+    @override
+    def begin_experience(self, strategy: SupervisedTemplate) -> None:
+        convs = _conv_layers(strategy.model, self.layers)
+        self.selected = {}
+        for name, conv in convs.items():
+            w = conv.weight.detach()
+            scores = channel_scores(w.abs().sum(dim=(2, 3)), conv.groups)  # L1 magnitude per input channel
+            self.selected[name] = select_channels(scores.cpu(), self.channel_ratio)
+        snapshots: dict[str, Tensor] = {}
+
+        def keep(name: str, conv: nn.Conv2d) -> Tensor:
+            cg = conv.in_channels // conv.groups
+            mask = self.selected[name].reshape(conv.groups, 1, cg).to(conv.weight.device)
+            d = conv.out_channels
+            return mask.expand(conv.groups, d // conv.groups, cg).reshape(d, cg)  # (D, C/g): True = trains
+
+        masks = {name: keep(name, conv) for name, conv in convs.items()}
+
+        def before(*_: Any) -> None:
+            for name, conv in convs.items():
+                snapshots[name] = conv.weight.detach().clone()
+
+        def after(*_: Any) -> None:
+            with torch.no_grad():
+                for name, conv in convs.items():
+                    frozen = ~masks[name]
+                    conv.weight[frozen] = snapshots[name][frozen]
+            snapshots.clear()
+
+        optimizer = strategy.optimizer
+        self._handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+
+class FullKernelProjectionPlugin(IncrementalFreezePlugin):
+    """GPM / Adam-NSCL with full k×k kernels: the whole kernels of ``layers`` and the head train; every
+    optimizer step of a kernel is projected onto the free subspace of the old tasks' unfolded input patches
+    (``C/g·k²``-dimensional), by the same projection code as CsKO (:mod:`lightning_cskl.core.projection`).
+
+    The representation is CsKO's, only bigger: an uncentered covariance summed over tasks of each task's
+    mean ``p pᵀ``, recorded in eval mode on the experience's data at its end. Biases of the projected
+    convolutions stay frozen (a bias change shifts old outputs).
+
+    Args:
+        criterion: ``"energy"`` (GPM: protect a fraction ε of the energy) or ``"null_space"`` (Adam-NSCL:
+            free the eigenvalues ≤ θ·λ_min).
+        layers: which convolutions train (``"auto"``: those CsKO would train).
+        null_space_factor: θ.
+        energy: ε for the first incremental experience; ``energy_step`` is added per later one (capped at 1).
+        energy_step: see ``energy``.
+        head: the classifier head.
+        record_batches: batches of each experience used for its covariance (None: all).
+    """
+
+    def __init__(
+        self,
+        criterion: ProjectionCriterion = "energy",
+        layers: Union[str, list[str]] = "auto",
+        null_space_factor: float = 5.0,
+        energy: float = 0.97,
+        energy_step: float = 0.003,
+        head: str = "auto",
+        record_batches: Optional[int] = None,
+    ) -> None:
+        super().__init__(head)
+        if criterion not in ("energy", "null_space"):
+            raise ValueError(f"criterion={criterion!r} is not allowed: use 'energy' or 'null_space'")
+        if not null_space_factor > 0:
+            raise ValueError(f"null_space_factor={null_space_factor!r} is not allowed: it must be > 0")
+        for name, value in (("energy", energy), ("energy_step", energy_step)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value!r} is not allowed: it must lie in [0, 1]")
+        if record_batches is not None and (not isinstance(record_batches, int) or record_batches < 1):
+            raise ValueError(f"record_batches={record_batches!r} is not allowed: use None or an int >= 1")
+        self.criterion = criterion
+        self.layers = layers
+        self.null_space_factor = null_space_factor
+        self.energy = energy
+        self.energy_step = energy_step
+        self.record_batches = record_batches
+        self.covariances: dict[str, Tensor] = {}
+        self.bases: dict[str, Tensor] = {}
+
+    @override
+    def trainable(self, model: nn.Module) -> list[str]:
+        weights = [f"{name}.weight" for name in _conv_layers(model, self.layers)]
+        return weights + super().trainable(model)
+
+    def current_energy(self) -> float:
+        return min(1.0, self.energy + self.energy_step * max(0, self.experiences_seen - 1))
+
+    @override
+    def begin_experience(self, strategy: SupervisedTemplate) -> None:
+        convs = _conv_layers(strategy.model, self.layers)
+        self.bases = {}
+        for name, conv in convs.items():
+            if name in self.covariances:
+                basis, _ = full_kernel_projector(
+                    self.covariances[name], self.criterion, self.null_space_factor, self.current_energy()
+                )
+                self.bases[name] = basis.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        snapshots: dict[str, Tensor] = {}
+
+        def before(*_: Any) -> None:
+            for name in self.bases:
+                snapshots[name] = convs[name].weight.detach().clone()
+
+        def after(*_: Any) -> None:
+            with torch.no_grad():
+                for name, basis in self.bases.items():
+                    weight, old = convs[name].weight, snapshots[name]
+                    weight.copy_(old + project_kernel_update(weight - old, basis))
+            snapshots.clear()
+
+        optimizer = strategy.optimizer
+        self._handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+    @override
+    def end_experience(self, strategy: SupervisedTemplate) -> None:
+        model = strategy.model
+        collector = FullKernelCovariance(_conv_layers(model, self.layers))
+        dataset = strategy.experience.dataset.eval()
+        batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                            collate_fn=getattr(dataset, "collate_fn", None))
+        was_training, saved_batch = model.training, strategy.mbatch
+        model.eval()
+        try:
+            with torch.no_grad(), collector.hooked():
+                for index, batch in enumerate(loader):
+                    if self.record_batches is not None and index >= self.record_batches:
+                        break
+                    strategy.mbatch = [t.to(strategy.device) for t in batch]
+                    strategy.forward()  # feeds the model as training does (task labels for multi-task models)
+        finally:
+            strategy.mbatch = saved_batch
+            model.train(was_training)
+        for name, cov in collector.covariances().items():
+            self.covariances[name] = self.covariances[name] + cov if name in self.covariances else cov
+        self.bases = {}
+
+    def projection_state_bytes(self) -> int:
+        """Bytes kept for the projection: the (C/g·k²)² covariances and the free bases."""
+        return sum(t.numel() * t.element_size() for t in [*self.covariances.values(), *self.bases.values()])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "covariances": {n: t.cpu() for n, t in self.covariances.items()}}
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.covariances = dict(state["covariances"])
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def _template(plugin_or_none: Optional[BasePlugin], **kwargs: Any) -> SupervisedTemplate:
+    if isinstance(plugin_or_none, IncrementalFreezePlugin):
+        plugin_or_none.check_model(kwargs["model"])
+    plugins = [*kwargs.pop("plugins"), *([plugin_or_none] if plugin_or_none is not None else [])]
+    strategy = Naive(plugins=plugins, **kwargs)
+    strategy.baseline = plugin_or_none  # the method's plugin, for tests and cost accounting
+    return strategy
+
+
+def _plugin_method(make_plugin: Callable[..., BasePlugin]) -> Callable[..., SupervisedTemplate]:
+    def factory(**kwargs: Any) -> SupervisedTemplate:
+        common, options = _split(kwargs)
+        return _template(make_plugin(**options), **common)
+
+    factory.__doc__ = f"Build the strategy with {getattr(make_plugin, '__name__', 'the plugin')}(**options)."
+    return factory
+
+
+def _cskl_method(**defaults: Any) -> Callable[..., SupervisedTemplate]:
+    def factory(**kwargs: Any) -> SupervisedTemplate:
+        common, options = _split(kwargs)
+        strategy = CSKLStrategy(**common, **{**defaults, **options})
+        strategy.baseline = strategy.cskl
+        return strategy
+
+    factory.__doc__ = f"Build CSKLStrategy with {defaults or 'the engine defaults'} (overridable by options)."
+    return factory
+
+
+_COMMON = ("model", "optimizer", "criterion", "train_mb_size", "train_epochs", "eval_mb_size", "device",
+           "plugins", "evaluator", "eval_every")
+
+
+def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    common = {k: kwargs.pop(k) for k in _COMMON if k in kwargs}
+    if common.get("criterion") is None:
+        common["criterion"] = nn.CrossEntropyLoss()
+    common["plugins"] = list(common.get("plugins") or ())  # a new list: the caller's is never changed
+    return common, kwargs
+
+
+#: method name -> factory(*, model, optimizer, evaluator, train_epochs, train_mb_size, eval_mb_size, device,
+#: plugins, criterion, eval_every, **method options) -> an Avalanche SupervisedTemplate
+METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
+    "full_finetune": _plugin_method(lambda: None),  # plain Naive
+    "last_layer": _plugin_method(LastLayerPlugin),
+    "bias_only": _plugin_method(BiasOnlyPlugin),
+    "sparse_update": _plugin_method(SparseUpdatePlugin),
+    "ewc": _plugin_method(lambda ewc_lambda=100.0, mode="separate", **o: EWCPlugin(ewc_lambda, mode, **o)),
+    "lwf": _plugin_method(lambda alpha=1.0, temperature=2.0: LwFPlugin(alpha, temperature)),
+    "gpm": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", **o})),
+    "adam_nscl": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", **o})),
+    # all channels: no DCES scoring steps needed (with channel_ratio=1 any selection rule keeps every channel)
+    "center_only": _cskl_method(project=False, channel_ratio=1.0, selection="magnitude"),
+    "csko": _cskl_method(channel_ratio=1.0, selection="magnitude"),
+    "csko_dces": _cskl_method(),
+}
+
+
+def build_method(
+    name: str,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    evaluator: Evaluator = default_evaluator,
+    train_epochs: int = 1,
+    train_mb_size: int = 32,
+    eval_mb_size: int = 256,
+    device: Union[str, torch.device] = "cpu",
+    plugins: Sequence[BasePlugin] = (),
+    criterion: Optional[Callable[..., Tensor]] = None,
+    **options: Any,
+) -> SupervisedTemplate:
+    """Build the strategy of method ``name`` (a key of :data:`METHODS`) with the common settings.
+
+    Args:
+        name: the method.
+        model, optimizer, evaluator, train_epochs, train_mb_size, eval_mb_size, device, criterion: as for
+            Avalanche's ``SupervisedTemplate`` (``criterion`` None: cross-entropy). The optimizer should hold
+            every parameter of ``model``; plugins rebuild it per experience.
+        plugins: further plugins (copied, never changed).
+        **options: the method's own options (e.g. ``channel_ratio`` for ``sparse_update`` and CsKO,
+            ``ewc_lambda`` for ``ewc``, ``energy`` for ``gpm``).
+
+    Returns:
+        The strategy; ``strategy.baseline`` is the method's plugin (None for ``full_finetune``).
+
+    Raises:
+        UnknownMethodError: ``name`` is not a known method; the message lists the allowed names.
+
+    Example:
+        >>> from lightning_cskl.avalanche import ClassIncrementalNet
+        >>> from lightning_cskl.models import SmallCNN
+        >>> model = ClassIncrementalNet(SmallCNN(10).features, 32)
+        >>> opt = torch.optim.Adam(model.parameters(), 1e-3)
+        >>> type(build_method("gpm", model=model, optimizer=opt, evaluator=None).baseline).__name__
+        'FullKernelProjectionPlugin'
+    """
+    if name not in METHODS:
+        raise UnknownMethodError(f"method {name!r} is not known: use one of {', '.join(METHODS)}")
+    return METHODS[name](
+        model=model, optimizer=optimizer, evaluator=evaluator, train_epochs=train_epochs,
+        train_mb_size=train_mb_size, eval_mb_size=eval_mb_size, device=device, plugins=plugins,
+        criterion=criterion, **options,
+    )

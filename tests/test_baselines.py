@@ -1,0 +1,229 @@
+"""The comparison's methods (lightning_cskl.avalanche.baselines) on tiny real Split Digits runs: every method
+of the registry runs end to end, what an on-device baseline freezes stays bit-identical, the full-kernel
+GPM / Adam-NSCL projection bounds the change of old outputs, and bad names and options give clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_cskl.avalanche import ClassIncrementalNet, TaskIncrementalNet, run_continual
+from lightning_cskl.avalanche.baselines import (
+    METHODS,
+    FullKernelProjectionPlugin,
+    SparseUpdatePlugin,
+    UnknownMethodError,
+    build_method,
+    find_classifier,
+)
+from lightning_cskl.core.full_kernel import (
+    FullKernelCovariance,
+    change_bound,
+    conv_output_change,
+    full_kernel_projector,
+    project_kernel_update,
+    unfold_patches,
+)
+from lightning_cskl.core.projection import NULL_SPACE_RTOL
+from lightning_cskl.data import split_digits
+from lightning_cskl.data.benchmarks import tensor_benchmark
+from lightning_cskl.models import SmallCNN
+
+pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_benchmark(scenario: str, train: int = 300, test: int = 150):
+    (data,) = split_digits(n_tasks=1)
+    train_x, train_y, _ = data.train.tensors
+    test_x, test_y, _ = data.test.tensors
+    g = torch.Generator().manual_seed(0)
+    i = torch.randperm(len(train_y), generator=g)[:train].sort().values
+    j = torch.randperm(len(test_y), generator=g)[:test].sort().values
+    base = 4 if scenario == "class" else None
+    return tensor_benchmark((train_x[i], train_y[i]), (test_x[j], test_y[j]), scenario, base, 2)
+
+
+@pytest.fixture(scope="module")
+def class_benchmark():
+    return _tiny_benchmark("class")
+
+
+@pytest.fixture(scope="module")
+def task_benchmark():
+    return _tiny_benchmark("task")
+
+
+def _build(name: str, scenario: str, evaluator=None, epochs: int = 1, **options):
+    torch.manual_seed(0)
+    net = ClassIncrementalNet if scenario == "class" else TaskIncrementalNet
+    model = net(SmallCNN(10, width=8).features, 16, initial_classes=2)
+    if name.startswith("csko") or name == "center_only":
+        options.setdefault("score_batches", 1)  # a few steps per task here
+    return build_method(name, model=model, optimizer=torch.optim.Adam(model.parameters(), 1e-2, weight_decay=1e-3),
+                        evaluator=evaluator, train_epochs=epochs, train_mb_size=32, eval_mb_size=256, **options)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_class_incremental(name, class_benchmark):
+    result = run_continual(class_benchmark, lambda evaluator: _build(name, "class", evaluator), progress=False)
+    assert result.completed == result.total == 4
+    assert len(result.accuracy) == 4 and all(len(row) == 4 for row in result.accuracy)
+    assert all(0.0 <= a <= 1.0 for row in result.accuracy for a in row)
+    assert set(result.summary) == {"acc", "aia", "forgetting", "bwt"}
+
+
+@pytest.mark.parametrize("name", ["last_layer", "bias_only", "sparse_update", "gpm", "adam_nscl"])
+def test_plugin_methods_run_task_incremental(name, task_benchmark):
+    result = run_continual(task_benchmark, lambda evaluator: _build(name, "task", evaluator), progress=False)
+    assert result.completed == 5
+
+
+def test_unknown_method_lists_the_allowed_ones():
+    model = ClassIncrementalNet(SmallCNN(10, width=8).features, 16)
+    with pytest.raises(UnknownMethodError, match=r"method 'gmp' is not known: use one of full_finetune, last_layer, "
+                                                 r"bias_only, sparse_update, ewc, lwf, gpm, adam_nscl, center_only, "
+                                                 r"csko, csko_dces"):
+        build_method("gmp", model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match=r"criterion='gpm' is not allowed: use 'energy' or 'null_space'"):
+        FullKernelProjectionPlugin(criterion="gpm")
+    with pytest.raises(ValueError, match=r"channel_ratio=0 is not allowed"):
+        SparseUpdatePlugin(channel_ratio=0)
+    with pytest.raises(ValueError, match=r"energy=1.5 is not allowed"):
+        FullKernelProjectionPlugin(energy=1.5)
+    model = ClassIncrementalNet(SmallCNN(10, width=8).features, 16)
+    with pytest.raises(ValueError, match=r"head='classifier' is not a module of ClassIncrementalNet"):
+        find_classifier(model, "classifier")
+    with pytest.raises(ValueError, match=r"layers lists \['backbone.2.1'\] which are not convolutions"):
+        _build("gpm", "class", layers=["backbone.2.1"])  # checked when the strategy is built
+    with pytest.raises(ValueError, match=r"head='classifier' is not a module"):
+        _build("last_layer", "class", head="classifier")
+
+
+# ---------------------------------------------------------------------------------------------- frozen parts
+def _allowed(name: str, key: str) -> bool:
+    """What each method may change outside the head, written independently of the plugins."""
+    if name == "bias_only":
+        return key.endswith(".bias") and "running" not in key
+    if name in ("sparse_update", "gpm", "adam_nscl"):  # the kernels CsKO's layers="auto" picks in SmallCNN
+        return key in ("backbone.1.0.weight", "backbone.2.0.weight")
+    return False
+
+
+@pytest.mark.parametrize("name", ["last_layer", "bias_only", "sparse_update", "gpm", "adam_nscl"])
+def test_frozen_parts_stay_bit_identical(name, class_benchmark):
+    strategy = _build(name, "class", epochs=2)
+    plugin, model = strategy.baseline, strategy.model
+    stream = class_benchmark.train_stream
+    strategy.train(stream[0])
+    for experience in stream[1:3]:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        strategy.train(experience)
+        after = model.state_dict()
+        moved = [k for k in before if not k.startswith("head.") and not torch.equal(before[k], after[k])]
+        illegal = [k for k in moved if not _allowed(name, k)]
+        assert not illegal, f"{name} changed frozen {illegal}"
+        if name != "last_layer":
+            assert moved, f"{name} trained nothing outside the head"
+        if isinstance(plugin, SparseUpdatePlugin):
+            assert plugin.selected and all(0 < int(m.sum()) < len(m) for m in plugin.selected.values())
+            for layer, mask in plugin.selected.items():
+                key = f"{layer}.weight"
+                # unselected input channels of the trained kernels never move (Adam weight decay included)
+                assert torch.equal(before[key][:, ~mask], after[key][:, ~mask])
+                assert not torch.equal(before[key][:, mask], after[key][:, mask])
+
+
+# ---------------------------------------------------------------------------------------------- projection
+def _low_rank_inputs(n: int = 64, channels: int = 4, size: int = 6) -> torch.Tensor:
+    """Old inputs whose patches span few directions: one channel direction, constant in space (the zero
+    padding adds the border patterns), plus a little noise so that no eigenvalue is exactly 0."""
+    g = torch.Generator().manual_seed(1)
+    direction = torch.randn(channels, generator=g)
+    amplitude = torch.randn(n, generator=g)
+    x = amplitude[:, None, None, None] * direction[None, :, None, None] * torch.ones(1, 1, size, size)
+    return x + 1e-3 * torch.randn(x.shape, generator=g)
+
+
+@pytest.mark.parametrize("criterion", ["energy", "null_space"])
+def test_full_kernel_projection_bounds_the_output_change(criterion):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    old = _low_rank_inputs()
+    collector = FullKernelCovariance({"conv": conv})
+    with collector.hooked():
+        conv(old)
+    cov = collector.covariances()["conv"]
+    assert cov.shape == (1, 36, 36)
+    # the patches reproduce the convolution (the order matches weight.reshape(D, -1))
+    patches = unfold_patches(old, conv)
+    out = conv(old).permute(0, 2, 3, 1).reshape(-1, 6)
+    torch.testing.assert_close(patches[:, 0] @ conv.weight.reshape(6, -1).T, out, rtol=1e-4, atol=1e-4)
+
+    basis, eigenvalues = full_kernel_projector(cov, criterion, null_space_factor=5.0, energy=0.97)
+    assert 0 < basis.shape[2] < 36
+    update = torch.randn_like(conv.weight)
+    projected = project_kernel_update(update, basis.to(update.dtype))
+    bound = change_bound(cov, basis, projected)
+    assert conv_output_change(old, conv, projected) <= bound * (1 + 1e-5) + 1e-9
+    lam = torch.linalg.eigvalsh(cov[0]).clamp_min(0)
+    if criterion == "null_space":
+        assert bound <= max(5.0 * lam.min().item(), NULL_SPACE_RTOL * lam.max().item()) * projected.pow(2).sum() * 1.01
+    else:
+        assert bound <= (1 - 0.97) * lam.sum().item() * projected.pow(2).sum() * 1.01
+    # without the projection the same bound fails: the test can see a missing projection
+    assert conv_output_change(old, conv, update) > change_bound(cov, basis, update)
+
+
+def _lowest_layer_inputs(strategy, layer: str, experience) -> torch.Tensor:
+    model = strategy.model
+    captured = []
+    handle = model.get_submodule(layer).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, *_ in DataLoader(experience.dataset.eval(), batch_size=512):
+                model(x)
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+@pytest.mark.parametrize("name", ["gpm", "adam_nscl"])
+def test_strategy_projection_keeps_old_outputs_within_the_bound(name, class_benchmark):
+    stream = class_benchmark.train_stream
+    strategy = _build(name, "class", epochs=3)
+    plugin = strategy.baseline
+    strategy.train(stream[0])
+    layer = next(iter(plugin.covariances))  # the lowest projected layer: its input does not change
+    cov = plugin.covariances[layer].clone()
+    basis, _ = full_kernel_projector(cov, plugin.criterion, plugin.null_space_factor, plugin.current_energy())
+    old_inputs = _lowest_layer_inputs(strategy, layer, stream[0])
+    conv = strategy.model.get_submodule(layer)
+    weight = conv.weight.detach().clone()
+    strategy.train(stream[1])
+    delta = conv.weight.detach() - weight
+    assert delta.abs().max() > 0
+    assert conv_output_change(old_inputs, conv, delta) <= change_bound(cov, basis, delta) * (1 + 1e-4) + 1e-9
+
+    # the same training without projection (every input channel of the same kernels) breaks the bound
+    free = _build("sparse_update", "class", epochs=3, channel_ratio=1.0)
+    free.train(stream[0])
+    free_conv = free.model.get_submodule(layer)
+    free_weight = free_conv.weight.detach().clone()
+    free.train(stream[1])
+    free_delta = free_conv.weight.detach() - free_weight
+    assert conv_output_change(old_inputs, free_conv, free_delta) > change_bound(cov, basis, free_delta)
