@@ -3,7 +3,7 @@ with Avalanche's dynamic heads, a working W&B logger, and :func:`run_continual` 
 checkpoint/resume and the accuracy matrix)."""
 
 from .models import ClassIncrementalNet, TaskIncrementalNet
-from .prototypes import PrototypeMemory
+from ..core.prototypes import PrototypeMemory
 from .run import ContinualResult, NoDataError, accuracy_summary, load_checkpoint, run_continual, save_checkpoint
 from .strategy import CSKLPlugin, CSKLStrategy, EmptyExperienceError, find_head
 from .wandb_logger import WandbLogger, read_offline_run

@@ -15,7 +15,7 @@ after_training_exp             ``end_task``: center-input covariance of the expe
 =============================  ==================================================================
 
 Class-incremental runs with one expanding head add the prototype replay of METHOD.md §4
-(:class:`~lightning_cskl.avalanche.prototypes.PrototypeMemory`): the logits are divided by τ and a loss on
+(:class:`~lightning_cskl.core.prototypes.PrototypeMemory`): the logits are divided by τ and a loss on
 old-class prototypes passed through the head is added before backward.
 """
 
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
-from .prototypes import PrototypeMemory
+from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "find_head"]
 

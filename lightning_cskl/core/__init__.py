@@ -5,6 +5,7 @@ from .config import CenterKernelConfig
 from .covariance import CovarianceCollector, center_covariance
 from .learner import CenterKernelLearner, NoEligibleLayerError, resolve_layers
 from .projection import free_basis, layer_projector, project_update
+from .prototypes import PrototypeMemory
 from .selection import channel_scores, select_channels
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "CenterKernelLearner",
     "CovarianceCollector",
     "NoEligibleLayerError",
+    "PrototypeMemory",
     "center_covariance",
     "center_index",
     "center_input",
