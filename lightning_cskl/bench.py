@@ -1,0 +1,342 @@
+"""The comparison runner: methods × scenarios × seeds on one benchmark, side by side, into Markdown and CSV.
+
+Each run is :func:`~lightning_cskl.avalanche.run_continual` with a strategy from
+:data:`~lightning_cskl.avalanche.baselines.METHODS`, on the same data, epochs, batch size, optimizer and
+initial weights (seeded per seed) for every method. Experience 0 is the base session: every method trains
+all parameters there with the same procedure, so every method starts its incremental experiences from the
+same base model (the ``base_acc`` column, ``a[0][0]``, shows it; :func:`run_bench` warns when methods
+disagree).
+
+Cost columns come from :func:`lightning_cskl.core.accounting.measure_step` on one training batch of the last
+experience, measured at the end of its last epoch in the method's real incremental state (frozen parts,
+hooks, projection) and then undone (weights, optimizer state and random state are restored, so the
+accuracies are those of an unmeasured run). What it does not see: LwF's extra forward of the old model, the
+EWC penalty and CsKO's prototype-replay loss (small element-wise or head-only work); EWC's stored Fisher and
+parameters count as its projection state.
+
+Example:
+    >>> # table = run_bench(["full_finetune", "last_layer", "csko_dces"], scenarios=("class",), seeds=(0,),
+    >>> #                   epochs=5, out_dir="bench_out")
+    >>> # print(table.markdown())
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import os
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import is_multi_task_module
+from torch import Tensor, nn
+
+from .avalanche.baselines import METHODS, UnknownMethodError, build_method
+from .avalanche.run import run_continual
+from .core.accounting import StepCost, measure_step, storage_bytes
+
+__all__ = [
+    "ACCURACY_COLUMNS", "BenchTable", "COST_COLUMNS", "CostProbe", "default_benchmark", "default_model", "run_bench",
+]
+
+logger = logging.getLogger(__name__)
+
+ACCURACY_COLUMNS = ("acc", "aia", "forgetting", "bwt", "base_acc")
+COST_COLUMNS = (
+    "trainable_parameters", "flops", "saved_activation_bytes", "gradient_bytes", "optimizer_state_bytes",
+    "projection_state_bytes", "training_memory_bytes", "step_time_s", "step_time_ratio",
+)
+
+
+def default_benchmark(scenario: str, seed: int) -> Any:
+    """Split Digits (offline, seconds): ``"class"`` = 4 base classes + 3 × 2, ``"task"`` = 5 × 2 classes."""
+    from .data import split_digits_benchmark
+
+    return split_digits_benchmark(scenario, seed=seed)
+
+
+def default_model(scenario: str) -> nn.Module:
+    """A SmallCNN backbone (width 16) with Avalanche's expanding head (class) or per-task heads (task)."""
+    from .avalanche import ClassIncrementalNet, TaskIncrementalNet
+    from .models import SmallCNN
+
+    net = ClassIncrementalNet if scenario == "class" else TaskIncrementalNet
+    return net(SmallCNN(10, width=16).features, 32, initial_classes=2)
+
+
+# ---------------------------------------------------------------------------------------------- cost probe
+class _WithTask(nn.Module):
+    """Feeds a multi-task model its task labels, so that measure_step can call ``model(inputs)``."""
+
+    def __init__(self, model: nn.Module, task_labels: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.task_labels = task_labels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, self.task_labels)
+
+
+class _StepHooks:
+    """What measure_step needs of a ``learner``: the per-step gradient rewrite and the projection state."""
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+        plugin = getattr(strategy, "baseline", None)
+        self.learner = getattr(plugin, "learner", None)  # CSKL: masking and DCES live in before_update
+        self.plugin = plugin
+
+    def before_update(self) -> None:
+        if self.learner is not None:
+            self.learner.before_update()
+
+    def projection_state_bytes(self) -> int:
+        if self.learner is not None:
+            return int(self.learner.projection_state_bytes())
+        if hasattr(self.plugin, "projection_state_bytes"):
+            return int(self.plugin.projection_state_bytes())
+        ewc = next((p for p in self.strategy.plugins if type(p).__name__ == "EWCPlugin"), None)
+        if ewc is not None:  # the stored parameters and Fisher importances of every old experience
+            tables = (ewc.saved_params, ewc.importances)
+            tensors = [d.data for table in tables for per_exp in table.values() for d in per_exp.values()]
+            return storage_bytes(tensors)
+        return 0
+
+
+class CostProbe(SupervisedPlugin):
+    """An Avalanche plugin that measures one training step (:func:`~lightning_cskl.core.accounting.measure_step`)
+    at the end of the last epoch of experience ``experience``, in the method's real state, then restores the
+    weights, buffers, optimizer state and random state, so the run goes on as if unmeasured.
+
+    Args:
+        experience: index of the training experience to measure in.
+        time_steps: also time the step (median of ``repeats``).
+        repeats: timed steps.
+
+    Attributes:
+        cost: the :class:`~lightning_cskl.core.accounting.StepCost`, None until measured.
+    """
+
+    def __init__(self, experience: int, time_steps: bool, repeats: int) -> None:
+        super().__init__()
+        self.experience = experience
+        self.time_steps = time_steps
+        self.repeats = repeats
+        self.cost: Optional[StepCost] = None
+        self._epochs = 0
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._epochs = 0
+
+    def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._epochs += 1
+        if strategy.experience.current_experience != self.experience or self._epochs != strategy.train_epochs:
+            return
+        import numpy as np
+
+        model, optimizer = strategy.model, strategy.optimizer
+        # saved first: a new DataLoader iterator draws its seed from the global generator
+        saved_rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        saved_model = copy.deepcopy(model.state_dict())
+        saved_optimizer = copy.deepcopy(optimizer.state_dict())
+        was_training = model.training
+        x, y, *rest = [t.to(strategy.device) for t in next(iter(strategy.dataloader))]
+        measured = _WithTask(model, rest[0]) if is_multi_task_module(model) and rest else model
+        try:
+            self.cost = measure_step(measured, optimizer, strategy._criterion, (x, y), _StepHooks(strategy),
+                                     warmup=1, repeats=self.repeats, time_steps=self.time_steps)
+        finally:
+            model.load_state_dict(saved_model)
+            optimizer.load_state_dict(saved_optimizer)
+            torch.set_rng_state(saved_rng[0])
+            random.setstate(saved_rng[1])
+            np.random.set_state(saved_rng[2])
+            model.train(was_training)
+            optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------- table
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+@dataclass
+class BenchTable:
+    """Rows of a :func:`run_bench`: one per (method, scenario, seed), and their mean ± std per (method,
+    scenario).
+
+    Attributes:
+        runs: one dict per run: ``method``, ``scenario``, ``seed``, the accuracy columns (fractions) and the
+            cost columns (bytes, FLOPs, seconds); ``accuracy`` holds the accuracy matrix.
+    """
+
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per (method, scenario), in run order: ``seeds`` and ``<column>_mean`` / ``<column>_std``."""
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for run in self.runs:
+            groups.setdefault((run["method"], run["scenario"]), []).append(run)
+        rows = []
+        for (method, scenario), runs in groups.items():
+            row: dict[str, Any] = {"method": method, "scenario": scenario, "seeds": len(runs)}
+            for column in ACCURACY_COLUMNS + COST_COLUMNS:
+                row[f"{column}_mean"], row[f"{column}_std"] = _mean_std([r.get(column) for r in runs])
+            rows.append(row)
+        return rows
+
+    def markdown(self) -> str:
+        """The summary as a Markdown table; accuracies in points, memory in KiB, FLOPs in MFLOP, mean ± std."""
+        header = ["method", "scenario", "seeds", "ACC", "AIA", "forgetting", "BWT", "base ACC", "trainable params",
+                  "train memory KiB", "grad KiB", "opt state KiB", "activations KiB", "projection KiB",
+                  "MFLOP/step", "step time ×full"]
+        columns = [("acc", 100), ("aia", 100), ("forgetting", 100), ("bwt", 100), ("base_acc", 100),
+                   ("trainable_parameters", 1), ("training_memory_bytes", 1 / 1024), ("gradient_bytes", 1 / 1024),
+                   ("optimizer_state_bytes", 1 / 1024), ("saved_activation_bytes", 1 / 1024),
+                   ("projection_state_bytes", 1 / 1024), ("flops", 1e-6), ("step_time_ratio", 1)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self.summary():
+            cells = [row["method"], row["scenario"], str(row["seeds"])]
+            for column, scale in columns:
+                mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+                if math.isnan(mean):
+                    cells.append("–")
+                elif column == "trainable_parameters":
+                    cells.append(f"{mean:,.0f}")
+                else:
+                    digits = 2 if column == "step_time_ratio" else 1
+                    cells.append(f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: Union[str, os.PathLike], name: str = "bench") -> dict[str, Path]:
+        """Write ``<name>.md`` (summary), ``<name>.csv`` (summary, mean and std columns) and
+        ``<name>_runs.csv`` (one row per run); return their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"markdown": out / f"{name}.md", "csv": out / f"{name}.csv", "runs_csv": out / f"{name}_runs.csv"}
+        paths["markdown"].write_text(self.markdown())
+        summary = self.summary()
+        _write_csv(paths["csv"], summary, list(summary[0]) if summary else ["method"])
+        run_columns = ["method", "scenario", "seed", *ACCURACY_COLUMNS, *COST_COLUMNS]
+        _write_csv(paths["runs_csv"], self.runs, run_columns)
+        return paths
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def run_bench(
+    methods: Sequence[str],
+    *,
+    scenarios: Sequence[str] = ("class", "task"),
+    seeds: Sequence[int] = (0, 1, 2),
+    benchmark: Callable[[str, int], Any] = default_benchmark,
+    model: Callable[[str], nn.Module] = default_model,
+    epochs: int = 1,
+    batch_size: int = 32,
+    eval_batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    method_options: Optional[dict[str, dict[str, Any]]] = None,
+    time_steps: bool = True,
+    time_repeats: int = 5,
+    out_dir: Union[str, os.PathLike, None] = None,
+    progress: bool = True,
+) -> BenchTable:
+    """Run every method on every scenario and seed; measure accuracy and per-step cost side by side.
+
+    Args:
+        methods: names from :data:`~lightning_cskl.avalanche.baselines.METHODS`.
+        scenarios: ``"class"`` and/or ``"task"`` (passed to ``benchmark`` and ``model``).
+        seeds: one run per seed: seeds the benchmark split, the initial weights and the data order.
+        benchmark: ``benchmark(scenario, seed)`` -> an Avalanche benchmark (default: Split Digits).
+        model: ``model(scenario)`` -> a fresh network (default: SmallCNN with Avalanche heads).
+        epochs, batch_size, eval_batch_size: training epochs per experience and mini-batch sizes.
+        lr, weight_decay: Adam's, the same for every method.
+        method_options: per method name, extra options for its factory (e.g. ``{"ewc": {"ewc_lambda": 10}}``).
+        time_steps: measure the median step time (and its ratio to ``full_finetune`` when that runs too).
+        time_repeats: timed steps per measurement.
+        out_dir: if given, the tables are written there (see :meth:`BenchTable.write`).
+        progress: a tqdm bar over runs.
+
+    Returns:
+        The :class:`BenchTable`.
+
+    Raises:
+        UnknownMethodError: a method name is not in METHODS (the message lists the allowed names).
+        ValueError: no methods, no seeds, or a scenario other than "class"/"task".
+    """
+    from tqdm.auto import tqdm
+
+    methods, scenarios, seeds = list(methods), list(scenarios), list(seeds)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UnknownMethodError(f"methods {unknown} are not known: use some of {', '.join(METHODS)}")
+    if not methods or not seeds or not scenarios:
+        raise ValueError(f"nothing to run: methods={methods}, scenarios={scenarios}, seeds={seeds}")
+    bad = [s for s in scenarios if s not in ("class", "task")]
+    if bad:
+        raise ValueError(f"scenarios {bad} are not allowed: use 'class' and/or 'task'")
+    options = method_options or {}
+    table = BenchTable()
+    with tqdm(total=len(methods) * len(scenarios) * len(seeds), disable=not progress, unit="run", desc="bench") as bar:
+        for scenario in scenarios:
+            for seed in seeds:
+                bench = benchmark(scenario, seed)
+                last = len(bench.train_stream) - 1
+                group: list[dict[str, Any]] = []
+                for method in methods:
+                    bar.set_postfix(method=method, scenario=scenario, seed=seed)
+                    probe = CostProbe(last, time_steps, time_repeats)
+
+                    def factory(evaluator: Any, method: str = method, probe: CostProbe = probe) -> Any:
+                        torch.manual_seed(seed)
+                        random.seed(seed)
+                        net = model(scenario)
+                        optimizer = torch.optim.Adam(net.parameters(), lr, weight_decay=weight_decay)
+                        return build_method(method, model=net, optimizer=optimizer, evaluator=evaluator,
+                                            train_epochs=epochs, train_mb_size=batch_size,
+                                            eval_mb_size=eval_batch_size, plugins=[probe],
+                                            **options.get(method, {}))
+
+                    result = run_continual(bench, factory, progress=False)
+                    row: dict[str, Any] = {"method": method, "scenario": scenario, "seed": seed, **result.summary,
+                                           "base_acc": result.accuracy[0][0], "accuracy": result.accuracy}
+                    if probe.cost is not None:
+                        row.update({k: v for k, v in probe.cost.as_dict().items() if k in COST_COLUMNS})
+                    group.append(row)
+                    bar.update(1)
+                _relate(group)
+                table.runs.extend(group)
+    if out_dir is not None:
+        table.write(out_dir)
+    return table
+
+
+def _relate(group: list[dict[str, Any]]) -> None:
+    """Step-time ratios to full fine-tuning, and a warning when methods did not share the base model."""
+    full = next((r for r in group if r["method"] == "full_finetune"), None)
+    for row in group:
+        full_time = full.get("step_time_s") if full else None
+        row["step_time_ratio"] = row["step_time_s"] / full_time if row.get("step_time_s") and full_time else None
+    base = {round(r["base_acc"], 6) for r in group}
+    if len(base) > 1:
+        logger.warning("methods reached different base-session accuracies %s (%s, seed %s): their base models "
+                       "differ", sorted(base), group[0]["scenario"], group[0]["seed"])

@@ -1,0 +1,108 @@
+"""run_bench end to end on a few hundred Split Digits samples: three methods, one seed; the tables it writes,
+the cost columns, and that measuring the cost does not change what the run learns."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from lightning_cskl.avalanche.baselines import UnknownMethodError, build_method
+from lightning_cskl.bench import ACCURACY_COLUMNS, COST_COLUMNS, CostProbe, default_model, run_bench
+from lightning_cskl.data import split_digits
+from lightning_cskl.data.benchmarks import tensor_benchmark
+
+pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
+
+METHODS = ["full_finetune", "gpm", "csko_dces"]
+OPTIONS = {"csko_dces": {"score_batches": 1}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _small_benchmark(scenario: str, seed: int):
+    (data,) = split_digits(n_tasks=1, seed=seed)
+    train_x, train_y, _ = data.train.tensors
+    test_x, test_y, _ = data.test.tensors
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randperm(len(train_y), generator=g)[:300].sort().values
+    j = torch.randperm(len(test_y), generator=g)[:150].sort().values
+    base = 4 if scenario == "class" else None
+    return tensor_benchmark((train_x[i], train_y[i]), (test_x[j], test_y[j]), scenario, base)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    table = run_bench(METHODS, scenarios=("class",), seeds=(0,), benchmark=_small_benchmark, epochs=2,
+                      method_options=OPTIONS, time_repeats=2, out_dir=out, progress=False)
+    return table, out
+
+
+def test_bench_writes_markdown_and_csv(bench):
+    table, out = bench
+    assert [r["method"] for r in table.runs] == METHODS
+    markdown = (out / "bench.md").read_text().splitlines()
+    assert len(markdown) == 2 + len(METHODS) and markdown[0].startswith("| method | scenario | seeds | ACC")
+    with open(out / "bench.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [r["method"] for r in summary] == METHODS
+    assert {f"{c}_mean" for c in ACCURACY_COLUMNS + COST_COLUMNS} <= set(summary[0])
+    with open(out / "bench_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == len(METHODS) and runs[0]["seed"] == "0"
+
+
+def test_bench_rows_hold_accuracy_and_cost(bench):
+    table, _ = bench
+    rows = {r["method"]: r for r in table.runs}
+    for row in rows.values():
+        assert all(0.0 <= row[c] <= 1.0 for c in ("acc", "aia", "base_acc"))
+        assert not math.isnan(row["forgetting"]) and not math.isnan(row["bwt"])
+        assert row["flops"] > 0 and row["training_memory_bytes"] > 0 and row["step_time_s"] > 0
+    # every method started its incremental experiences from the same base model
+    assert len({r["base_acc"] for r in rows.values()}) == 1
+    full, gpm, ours = rows["full_finetune"], rows["gpm"], rows["csko_dces"]
+    assert full["step_time_ratio"] == 1.0 and full["projection_state_bytes"] == 0
+    assert gpm["projection_state_bytes"] > ours["projection_state_bytes"] > 0  # (C·k²)² against C² per layer
+    assert ours["trainable_parameters"] < gpm["trainable_parameters"] < full["trainable_parameters"]
+    assert ours["flops"] < full["flops"] and ours["gradient_bytes"] < gpm["gradient_bytes"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cost_measurement_does_not_change_the_run(method):
+    stream = _small_benchmark("class", 0).train_stream
+
+    def train(probe):
+        torch.manual_seed(0)
+        net = default_model("class")
+        strategy = build_method(method, model=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+                                evaluator=None, train_epochs=2, train_mb_size=32, eval_mb_size=256,
+                                plugins=[probe] if probe else [], **OPTIONS.get(method, {}))
+        for experience in stream:
+            strategy.train(experience)
+        return net.state_dict()
+
+    # measured in experience 1, so that later experiences see any weight, optimizer or random state it left
+    probe = CostProbe(1, time_steps=True, repeats=2)
+    with_probe, without = train(probe), train(None)
+    assert probe.cost is not None and probe.cost.flops > 0
+    for key, value in without.items():
+        assert torch.equal(with_probe[key], value), f"measuring the cost changed {key}"
+
+
+def test_bench_refuses_bad_arguments():
+    with pytest.raises(UnknownMethodError, match=r"methods \['gmp'\] are not known: use some of full_finetune, "):
+        run_bench(["full_finetune", "gmp"], progress=False)
+    with pytest.raises(ValueError, match=r"scenarios \['domain'\] are not allowed: use 'class' and/or 'task'"):
+        run_bench(["full_finetune"], scenarios=("domain",), progress=False)
+    with pytest.raises(ValueError, match=r"nothing to run"):
+        run_bench(["full_finetune"], seeds=(), progress=False)
