@@ -102,6 +102,10 @@ def test_bad_options_are_refused():
         FullKernelProjectionPlugin(criterion="gpm")
     with pytest.raises(ValueError, match=r"channel_ratio=0 is not allowed"):
         SparseUpdatePlugin(channel_ratio=0)
+    with pytest.raises(ValueError, match=r"prototype_replay='auto' is not allowed: use True or False"):
+        SparseUpdatePlugin(prototype_replay="auto")
+    with pytest.raises(ValueError, match=r"record_batches=0 is not allowed"):
+        FullKernelProjectionPlugin(record_batches=0)
     with pytest.raises(ValueError, match=r"energy=1.5 is not allowed"):
         FullKernelProjectionPlugin(energy=1.5)
     model = ClassIncrementalNet(SmallCNN(10, width=8).features, 16)
@@ -227,3 +231,21 @@ def test_strategy_projection_keeps_old_outputs_within_the_bound(name, class_benc
     free.train(stream[1])
     free_delta = free_conv.weight.detach() - free_weight
     assert conv_output_change(old_inputs, free_conv, free_delta) > change_bound(cov, basis, free_delta)
+
+
+@pytest.mark.parametrize("name", ["last_layer", "gpm"])
+def test_prototype_replay_option(name, class_benchmark):
+    stream = class_benchmark.train_stream
+    on, off = _build(name, "class", prototype_replay=True), _build(name, "class")
+    for strategy in (on, off):
+        torch.manual_seed(1)  # the same data order for both
+        strategy.train(stream[0])
+    assert all(torch.equal(a, b) for a, b in zip(on.model.state_dict().values(), off.model.state_dict().values()))
+    assert on.baseline.memory.classes.tolist() == [0, 1, 2, 3] and len(off.baseline.memory) == 0
+    for strategy in (on, off):
+        torch.manual_seed(2)
+        strategy.train(stream[1])
+    # the replay loss (and the scaled logits) changed what the head learned; the backbone's frozen parts did not
+    assert not torch.equal(on.model.head.classifier.weight, off.model.head.classifier.weight)
+    assert torch.equal(on.model.backbone[0][0].weight, off.model.backbone[0][0].weight)
+    assert on.baseline.state_dict()["prototypes"]["prototypes"].shape == (6, 16)

@@ -21,6 +21,8 @@ Methods other than ``full_finetune``, ``ewc`` and ``lwf`` keep BatchNorm statist
 session, so what they do not train stays bit-identical. "The last convolutions" are those CsKO trains with
 ``layers="auto"`` (:func:`~lightning_cskl.core.resolve_layers`), so the projection baselines and CsKO train
 the same layers. Every plugin resets the optimizer state at each experience, as :class:`CSKLPlugin` does.
+The plugin-based baselines take ``prototype_replay=True`` to get CsKO's classifier-side remedy for
+class-incremental runs (off by default; CsKO has it on for single-head models).
 
 Every factory has the same keyword signature (see :func:`build_method`)::
 
@@ -30,6 +32,7 @@ Every factory has the same keyword signature (see :func:`build_method`)::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -47,6 +50,7 @@ from typing_extensions import override
 from ..core import resolve_layers
 from ..core.full_kernel import FullKernelCovariance, full_kernel_projector, project_kernel_update
 from ..core.projection import ProjectionCriterion
+from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
 from .strategy import CSKLStrategy
 
@@ -111,15 +115,40 @@ class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
 
     Args:
         head: the classifier head (see :func:`find_classifier`).
+        prototype_replay: give the baseline CsKO's classifier-side remedy for class-incremental runs (METHOD.md
+            §4, :class:`~lightning_cskl.core.prototypes.PrototypeMemory`): logits divided by ``temperature``
+            and a loss on old-class mean features passed through the head. Off by default (the published
+            baselines have none); on, it separates what the backbone update does from what the head does.
+        prototype_weight, temperature: of the prototype replay.
+        record_batches: batches of each experience used at its end for prototypes and representations
+            (None: all).
     """
 
-    def __init__(self, head: str = "auto") -> None:
+    def __init__(
+        self,
+        head: str = "auto",
+        *,
+        prototype_replay: bool = False,
+        prototype_weight: float = 10.0,
+        temperature: float = 0.1,
+        record_batches: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if not isinstance(head, str):
             raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
+        if not isinstance(prototype_replay, bool):
+            raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use True or False")
+        if record_batches is not None and (
+            isinstance(record_batches, bool) or not isinstance(record_batches, int) or record_batches < 1
+        ):
+            raise ValueError(f"record_batches={record_batches!r} is not allowed: use None or an int >= 1")
         self.head = head
+        self.prototype_replay = prototype_replay
+        self.memory = PrototypeMemory(prototype_weight, temperature)
+        self.record_batches = record_batches
         self.experiences_seen = 0
         self._handles: list[Any] = []
+        self._replay_head: Optional[nn.Module] = None
 
     @property
     def is_base(self) -> bool:
@@ -144,6 +173,45 @@ class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
     def end_experience(self, strategy: SupervisedTemplate) -> None:
         """Called at the end of every experience (the base session included), before the counter moves."""
 
+    def recorders(self, model: nn.Module) -> list[Any]:
+        """Objects with a ``hooked()`` context that record during the end-of-experience pass over its data."""
+        return []
+
+    def _record(self, strategy: SupervisedTemplate) -> None:
+        """One eval-mode pass over the experience's data for :meth:`recorders` and the prototypes."""
+        model = strategy.model
+        recorders = self.recorders(model)
+        head = model.get_submodule(find_classifier(model, self.head)) if self.prototype_replay else None
+        if not recorders and head is None:
+            return
+        features: list[Tensor] = []
+        dataset = strategy.experience.dataset.eval()
+        batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                            collate_fn=getattr(dataset, "collate_fn", None))
+        was_training, saved_batch = model.training, strategy.mbatch
+        model.eval()
+        handle = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
+        self.memory.begin_collect()
+        try:
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                for recorder in recorders:
+                    stack.enter_context(recorder.hooked())
+                for index, batch in enumerate(loader):
+                    if self.record_batches is not None and index >= self.record_batches:
+                        break
+                    strategy.mbatch = [t.to(strategy.device) for t in batch]
+                    features.clear()
+                    strategy.forward()  # feeds the model as training does (task labels for multi-task models)
+                    if features:
+                        self.memory.collect(features[-1], strategy.mbatch[1])
+        finally:
+            if handle is not None:
+                handle.remove()
+            strategy.mbatch = saved_batch
+            model.train(was_training)
+        self.memory.end_collect()
+
     def _freeze_batchnorm(self, model: nn.Module) -> None:
         if not self.is_base:
             for module in _batchnorms(model):
@@ -162,8 +230,22 @@ class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
                 p.requires_grad_(name in keep)
             self._freeze_batchnorm(model)
         strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
+        self._replay_head = None
         if not self.is_base:
+            if self.prototype_replay and len(self.memory):
+                self._replay_head = model.get_submodule(find_classifier(model, self.head))
+                self.memory.begin_task(self.experiences_seen)
             self.begin_experience(strategy)
+
+    @override
+    def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        if self._replay_head is not None:
+            strategy.mb_output = self.memory.scale(strategy.mb_output)
+
+    @override
+    def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        if self._replay_head is not None:
+            strategy.loss = strategy.loss + self.memory.loss(self._replay_head, len(strategy.mb_y))
 
     @override
     def before_training_epoch(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -172,6 +254,8 @@ class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
     @override
     def after_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         self._remove_hooks()
+        self._replay_head = None
+        self._record(strategy)
         self.end_experience(strategy)
         self.experiences_seen += 1
         for p in strategy.model.parameters():
@@ -184,10 +268,11 @@ class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
-        return {"experiences_seen": self.experiences_seen}
+        return {"experiences_seen": self.experiences_seen, "prototypes": self.memory.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experiences_seen = int(state["experiences_seen"])
+        self.memory.load_state_dict(state["prototypes"])
 
 
 class LastLayerPlugin(IncrementalFreezePlugin):
@@ -222,10 +307,14 @@ class SparseUpdatePlugin(IncrementalFreezePlugin):
             :func:`~lightning_cskl.core.resolve_layers`).
         channel_ratio: fraction of input channels per layer that train, (0, 1].
         head: the classifier head.
+        **replay: ``prototype_replay``, ``prototype_weight``, ``temperature``, ``record_batches`` (see
+            :class:`IncrementalFreezePlugin`).
     """
 
-    def __init__(self, layers: Union[str, list[str]] = "auto", channel_ratio: float = 0.5, head: str = "auto") -> None:
-        super().__init__(head)
+    def __init__(
+        self, layers: Union[str, list[str]] = "auto", channel_ratio: float = 0.5, head: str = "auto", **replay: Any
+    ) -> None:
+        super().__init__(head, **replay)
         self.layers = layers
         self.channel_ratio = validate_channel_ratio(channel_ratio)
         self.selected: dict[str, Tensor] = {}
@@ -285,7 +374,8 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
         energy: ε for the first incremental experience; ``energy_step`` is added per later one (capped at 1).
         energy_step: see ``energy``.
         head: the classifier head.
-        record_batches: batches of each experience used for its covariance (None: all).
+        **replay: ``prototype_replay``, ``prototype_weight``, ``temperature``, ``record_batches`` (batches of
+            each experience used for its covariance and prototypes; see :class:`IncrementalFreezePlugin`).
     """
 
     def __init__(
@@ -296,9 +386,9 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
         energy: float = 0.97,
         energy_step: float = 0.003,
         head: str = "auto",
-        record_batches: Optional[int] = None,
+        **replay: Any,
     ) -> None:
-        super().__init__(head)
+        super().__init__(head, **replay)
         if criterion not in ("energy", "null_space"):
             raise ValueError(f"criterion={criterion!r} is not allowed: use 'energy' or 'null_space'")
         if not null_space_factor > 0:
@@ -306,14 +396,12 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
         for name, value in (("energy", energy), ("energy_step", energy_step)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} is not allowed: it must lie in [0, 1]")
-        if record_batches is not None and (not isinstance(record_batches, int) or record_batches < 1):
-            raise ValueError(f"record_batches={record_batches!r} is not allowed: use None or an int >= 1")
         self.criterion = criterion
         self.layers = layers
         self.null_space_factor = null_space_factor
         self.energy = energy
         self.energy_step = energy_step
-        self.record_batches = record_batches
+        self._collector: Optional[FullKernelCovariance] = None
         self.covariances: dict[str, Tensor] = {}
         self.bases: dict[str, Tensor] = {}
 
@@ -352,27 +440,16 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
         self._handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
 
     @override
+    def recorders(self, model: nn.Module) -> list[Any]:
+        self._collector = FullKernelCovariance(_conv_layers(model, self.layers))
+        return [self._collector]
+
+    @override
     def end_experience(self, strategy: SupervisedTemplate) -> None:
-        model = strategy.model
-        collector = FullKernelCovariance(_conv_layers(model, self.layers))
-        dataset = strategy.experience.dataset.eval()
-        batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                            collate_fn=getattr(dataset, "collate_fn", None))
-        was_training, saved_batch = model.training, strategy.mbatch
-        model.eval()
-        try:
-            with torch.no_grad(), collector.hooked():
-                for index, batch in enumerate(loader):
-                    if self.record_batches is not None and index >= self.record_batches:
-                        break
-                    strategy.mbatch = [t.to(strategy.device) for t in batch]
-                    strategy.forward()  # feeds the model as training does (task labels for multi-task models)
-        finally:
-            strategy.mbatch = saved_batch
-            model.train(was_training)
-        for name, cov in collector.covariances().items():
-            self.covariances[name] = self.covariances[name] + cov if name in self.covariances else cov
+        if self._collector is not None:
+            for name, cov in self._collector.covariances().items():
+                self.covariances[name] = self.covariances[name] + cov if name in self.covariances else cov
+        self._collector = None
         self.bases = {}
 
     def projection_state_bytes(self) -> int:
