@@ -115,6 +115,8 @@ def test_bad_options_are_refused():
         _build("gpm", "class", layers=["backbone.2.1"])  # checked when the strategy is built
     with pytest.raises(ValueError, match=r"head='classifier' is not a module"):
         _build("last_layer", "class", head="classifier")
+    with pytest.raises(ValueError, match=r"prototype_replay=True needs a single-head .* TaskIncrementalNet is a multi"):
+        _build("gpm", "task", prototype_replay=True)
 
 
 # ---------------------------------------------------------------------------------------------- frozen parts

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from avalanche.core import BasePlugin, SupervisedPlugin
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier
+from avalanche.models.utils import is_multi_task_module
 from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin, LwFPlugin
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
@@ -163,9 +164,13 @@ class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
         """Validate the model-dependent options now (head, layers), without changing the model.
 
         Raises:
-            ValueError: no such head, or ``layers`` selects no convolution whose kernel can be unfolded.
+            ValueError: no such head, ``layers`` selects no convolution whose kernel can be unfolded, or
+                prototype replay is asked of a multi-task model (its heads need task labels).
         """
         self.trainable(model)
+        if self.prototype_replay and is_multi_task_module(model):
+            raise ValueError(f"prototype_replay=True needs a single-head (class-incremental) model, and "
+                             f"{type(model).__name__} is a multi-task module: use prototype_replay=False")
 
     def begin_experience(self, strategy: SupervisedTemplate) -> None:
         """Called after freezing and the fresh optimizer, for incremental experiences only."""
