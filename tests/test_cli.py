@@ -1,0 +1,119 @@
+"""The `cskl` command, in-process through main([...]) (a second Python process would import torch and
+Avalanche again): a real end-to-end run on Split Digits, the shipped configs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_cskl.cli import build_parser, main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+QUICK = ["--train.epochs", "2", "--model.width", "8", "--progress", "false"]
+
+
+def benchmark_with_an_empty_experience():
+    """A user's benchmark (``--data.benchmark module:function``) whose second experience holds no sample."""
+    from avalanche.benchmarks import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+    from avalanche.benchmarks.utils import DataAttribute
+    from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
+    from torch.utils.data import TensorDataset
+
+    def dataset(n: int, label: int) -> ClassificationDataset:
+        x, y = torch.rand(n, 1, 8, 8), torch.full((n,), label, dtype=torch.long)
+        return ClassificationDataset([TensorDataset(x, y)], data_attributes=[DataAttribute(y.tolist(), "targets")])
+
+    return with_classes_timeline(  # classes_in_this_experience, which the expanding head reads
+        benchmark_from_datasets(train=[dataset(64, 0), dataset(0, 1)], test=[dataset(16, 0), dataset(16, 1)]))
+
+
+def test_run_on_digits_end_to_end(tmp_path, capsys):
+    main(["run", "--output_dir", str(tmp_path), "--name", "digits", *QUICK])
+    out = capsys.readouterr().out
+    folder = tmp_path / "digits"
+    results = json.loads((folder / "results.json").read_text())
+    accuracy = results["accuracy"]
+    assert len(accuracy) == 4 and all(len(row) == 4 for row in accuracy)  # base 4 classes + 3 × 2
+    assert all(0.0 <= a <= 1.0 for row in accuracy for a in row)
+    assert accuracy[0][0] > 0.5  # the base session learned something in 2 epochs (chance: 0.25)
+    for key in ("acc", "aia", "forgetting", "bwt"):
+        assert key in results
+    assert results["config"]["engine"]["channel_ratio"] == 0.75 and results["config"]["method"] == "csko"
+    png = folder / "accuracy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert (folder / "checkpoint.pt").is_file()
+    runs = list((folder / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert f"wandb sync {runs[0]}" in out
+    assert "ACC (after the last experience)" in out and "average incremental accuracy" in out and "forgetting" in out
+    assert f"{results['acc']:.3f}" in out
+
+
+def test_default_config_is_configs_digits_yaml():
+    parser = build_parser()
+    default = parser.parse_args(["run"])["run"]
+    shipped = parser.parse_args(["run", "--config", str(CONFIGS / "digits.yaml")])["run"]
+    default.pop("config"), shipped.pop("config")
+    assert default == shipped
+
+
+@pytest.mark.parametrize("name", ["digits", "fmnist_class", "fmnist_task", "cifar100_b50_5", "cifar100_b50_10"])
+def test_shipped_configs_parse(name):
+    parsed = build_parser().parse_args(["run", "--config", str(CONFIGS / f"{name}.yaml")])["run"]
+    assert yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["benchmark"] == parsed.data.benchmark
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err  # one line, no traceback
+    return err
+
+
+def test_unknown_keys_are_named(tmp_path, capsys):
+    assert "--engine.chanel_ratio" in _error(capsys, ["run", "--engine.chanel_ratio", "0.5"])
+    config = tmp_path / "bad.yaml"
+    config.write_text("engine:\n  chanel_ratio: 0.5\n")
+    assert "engine.chanel_ratio" in _error(capsys, ["run", "--config", str(config)])
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-0.25"])
+def test_channel_ratio_outside_the_interval(capsys, ratio):
+    err = _error(capsys, ["run", "--engine.channel_ratio", ratio])
+    assert err.startswith("cskl run: error: channel_ratio=") and "it must be a number in (0, 1]" in err
+
+
+@pytest.mark.parametrize("config", ["cifar100_b50_5", "cifar100_b50_10"])
+def test_cifar100_without_data(tmp_path, capsys, config):
+    err = _error(capsys, ["run", "--config", str(CONFIGS / f"{config}.yaml"), "--data.root", str(tmp_path)])
+    assert f"CIFAR-100 is not in {tmp_path / 'cifar-100-python'}" in err and "--data.download true" in err
+
+
+def test_fashion_mnist_without_data(tmp_path, capsys):
+    err = _error(capsys, ["run", "--config", str(CONFIGS / "fmnist_class.yaml"), "--data.root", str(tmp_path),
+                          "--data.source", str(tmp_path / "nothing-here"), "--wandb.mode", "disabled"])
+    assert "Fashion-MNIST is not in" in err and "apt-get install -y dataset-fashion-mnist" in err
+
+
+def test_model_without_eligible_convolutions(tmp_path, capsys):
+    err = _error(capsys, ["run", "--engine.layers", "head.*", "--output_dir", str(tmp_path),
+                          "--wandb.mode", "disabled", *QUICK])
+    assert "layers='head.*' matches no convolution of ClassIncrementalNet" in err
+
+
+def test_experience_without_samples(tmp_path, capsys):
+    err = _error(capsys, ["run", "--data.benchmark", f"{__name__}:benchmark_with_an_empty_experience",
+                          "--output_dir", str(tmp_path), "--wandb.mode", "disabled", *QUICK])
+    assert "experience 1 of stream 'train' has no samples" in err
+
+
+def test_bad_class_split_and_unknown_benchmark(capsys):
+    assert "do not split 10 classes" in _error(capsys, ["run", "--data.classes_per_exp", "4"])
+    assert "data.benchmark='mnist' is not allowed" in _error(capsys, ["run", "--data.benchmark", "mnist"])
