@@ -17,6 +17,9 @@ name               what trains after the base session (experience 0 always train
 ``csko_dces``      CsKO + DCES (the method, engine defaults)
 =================  ==========================================================================================
 
+``csko_dces_filter`` is CsKO + DCES with 2×2 gradient filtering on the center branches (issue 5: less
+activation memory, exact forward).
+
 Methods other than ``full_finetune``, ``ewc`` and ``lwf`` keep BatchNorm statistics frozen after the base
 session, so what they do not train stays bit-identical. "The last convolutions" are those CsKO trains with
 ``layers="auto"`` (:func:`~lightning_cskl.core.resolve_layers`), so the projection baselines and CsKO train
@@ -528,6 +531,7 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "center_only": _cskl_method(project=False, channel_ratio=1.0, selection="magnitude"),
     "csko": _cskl_method(channel_ratio=1.0, selection="magnitude"),
     "csko_dces": _cskl_method(),
+    "csko_dces_filter": _cskl_method(gradient_filter=2),
 }
 
 
