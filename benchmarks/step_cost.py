@@ -194,6 +194,7 @@ def measure_net(
         "layers": {n: tuple(t.shape) for n, t in trained.items()},
         "in_place": [n for n, layer in learner.layers.items() if layer.in_place],
         "free_dims": dict(learner.free_dims),
+        "selected": {n: int(m.sum()) for n, m in learner.selected.items()},
         "center_params": sum(t.numel() for t in trained.values()),
         "head_params": head_params,
         "total_params": sum(p.numel() for p in base.parameters()),
@@ -276,6 +277,7 @@ def details(result: dict[str, Any]) -> str:
         f"`{n}` {shape}{' (1×1, whole weight)' if n in result['in_place'] else ''}" for n, shape in result["layers"].items()
     )
     forward = result["forward_flops"]
+    free = ", ".join(f"`{n}` {result['free_dims'][n]} of {result['selected'][n]}" for n in result["free_dims"])
     return (
         f"Median of {result['repeats']} interleaved rounds; load average "
         f"{result['load'][0]:.1f} before / {result['load'][1]:.1f} after timing. "
@@ -284,7 +286,8 @@ def details(result: dict[str, Any]) -> str:
         f"the whole forward. "
         f"Trained layers (layers={result['layers_spec']!r}): {layers}. "
         f"Trainable: {result['center_params']:,} center/1×1 weights + {result['head_params']:,} head parameters "
-        f"of {result['total_params']:,}. Free-subspace dims: {result['free_dims']}. "
+        f"of {result['total_params']:,}. Free-subspace dimension r (summed over groups) of the selected input "
+        f"channels: {free}. "
         f"Per step the learner also holds a transient pre-step snapshot of the trained tensors "
         f"({_fmt_bytes(result['snapshot_bytes'])}, not in the table)."
     )
