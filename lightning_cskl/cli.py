@@ -427,6 +427,8 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
 
     plain_config = asdict(config)
     folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / "checkpoint.pt" if config.checkpoint else None
+    _check_resume(plain_config, folder, checkpoint, config.resume)
     logger = None
     if config.wandb.mode != "disabled":
         logger = WandbLogger(project=config.wandb.project, name=name, config=plain_config, mode=config.wandb.mode,
@@ -434,9 +436,7 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "No loggers specified")  # with wandb.mode=disabled, on purpose
-            result = run_continual(benchmark, make_strategy,
-                                   checkpoint=folder / "checkpoint.pt" if config.checkpoint else None,
-                                   resume=config.resume, progress=config.progress, loggers=[logger] if logger else [])
+            result = run_continual(benchmark, make_strategy, checkpoint=checkpoint, resume=config.resume, progress=config.progress, loggers=[logger] if logger else [])
     finally:
         if logger is not None:
             logger.finish()
@@ -449,6 +449,34 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
                  f"{name}\nACC {summary['acc']:.3f}, AIA {summary['aia']:.3f}, forgetting {summary['forgetting']:.3f}")
     _report(result, summary, folder, logger, seconds)
     return results
+
+
+# what may differ between an interrupted run and its resumption
+_RESUME_FREE = ("resume", "progress", "output_dir", "name", "wandb")
+
+
+def _check_resume(plain_config: dict[str, Any], folder: Path, checkpoint: Optional[Path], resume: bool) -> None:
+    """Refuse to resume a checkpoint written by a run with another config; record this run's config."""
+    record = folder / "config.json"
+    if resume and checkpoint is not None and checkpoint.is_file():
+        if not record.is_file():
+            raise UsageError(f"resume=true: {checkpoint} has no config.json beside it, so its config is unknown; "
+                             "use another name, or resume=false to start afresh")
+        saved = json.loads(record.read_text())
+        changed = sorted(
+            f"{group}.{key}" if isinstance(value, dict) else group
+            for group, value in plain_config.items() if group not in _RESUME_FREE
+            for key in (value if isinstance(value, dict) else [None])
+            if (saved.get(group, {}).get(key) if isinstance(value, dict) else saved.get(group)) !=
+               (value[key] if isinstance(value, dict) else value)
+        )
+        if changed:
+            raise UsageError(f"resume=true: {checkpoint} was written with another config ({', '.join(changed)} "
+                             "differ); rerun with the same config, another name, or resume=false to start afresh")
+        return
+    if checkpoint is not None and checkpoint.is_file():
+        checkpoint.unlink()  # a fresh run: a checkpoint of an earlier config must never pair with this config.json
+    record.write_text(json.dumps(plain_config, indent=2) + "\n")
 
 
 def _report(result: Any, summary: dict[str, float], folder: Path, logger: Any, seconds: float) -> None:

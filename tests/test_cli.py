@@ -53,6 +53,14 @@ def test_run_on_digits_end_to_end(tmp_path, capsys):
     assert "ACC (after the last experience)" in out and "average incremental accuracy" in out and "forgetting" in out
     assert f"{results['acc']:.3f}" in out
 
+    # resuming the finished run trains nothing and gives the same matrix; another config is refused
+    main(["run", "--output_dir", str(tmp_path), "--name", "digits", *QUICK, "--resume", "true", "--wandb.mode", "disabled"])
+    assert json.loads((folder / "results.json").read_text())["accuracy"] == accuracy
+    capsys.readouterr()
+    err = _error(capsys, ["run", "--output_dir", str(tmp_path), "--name", "digits", *QUICK, "--resume", "true",
+                          "--model.width", "4"])
+    assert "was written with another config (model.width differ)" in err
+
 
 def test_default_config_is_configs_digits_yaml():
     parser = build_parser()
