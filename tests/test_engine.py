@@ -308,9 +308,9 @@ def test_scoring_steps_move_nothing(closure):
 def test_auto_prefers_deep_kxk_convolutions():
     from lightning_cskl.models import mobilenet_v2, resnet18
 
-    assert resolve_layers(resnet18(nf=8), "auto") == ["layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"]
+    assert resolve_layers(resnet18(nf=8), "auto") == ["layer4.1.conv1", "layer4.1.conv2"]  # the research choice
     chosen = resolve_layers(mobilenet_v2(width=0.25), "auto")
-    assert len(chosen) == 3 and all(n.endswith("block.3") for n in chosen)  # the last depthwise 3×3 convs
+    assert chosen == ["features.16.block.3", "features.17.block.3"]  # the last depthwise 3×3 convs
     only_pointwise = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1, groups=2))
     assert resolve_layers(only_pointwise, "auto") == ["0", "1"]
 

@@ -23,8 +23,8 @@ class CenterKernelConfig:
     """Options of Center-Sensitive Kernel Optimization with Dynamic Channel Element Selection.
 
     Args:
-        layers: which convolutions train their center. ``"auto"`` (default): the deepest eighth (at least
-            two) of the odd k×k convolutions (k > 1, depthwise included) in registration order, since the
+        layers: which convolutions train their center. ``"auto"`` (default): the deepest eighth (rounded
+            down, at least two) of the odd k×k convolutions (k > 1, depthwise included) in registration order, since the
             center carries the most knowledge in deeper layers; 1×1 convolutions only if there is no k×k one;
             ``"all"``: every odd-kernel convolution, grouped and
             depthwise included; a list of qualified module names; or a regular expression matched in full

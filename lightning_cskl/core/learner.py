@@ -94,11 +94,12 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
     if layers == "all":
         return [n for n, _ in eligible]
     if layers == "auto":
-        # the deepest eighth (at least two) of the k×k convolutions: the center matters most in deep layers;
+        # the deepest eighth (rounded down, at least two) of the k×k convolutions: the center matters most in
+        # deep layers (on a ResNet-18 these are the last block's two convs, the research code's choice);
         # 1×1 convolutions (all center, so the whole weight would train) only when there is no k×k one
         spatial = [n for n, m in eligible if any(k > 1 for k in _conv_of(m).kernel_size)]
         pool = spatial or [n for n, m in eligible if _conv_of(m).groups == 1] or [n for n, _ in eligible]
-        count = min(len(pool), max(2, -(-len(pool) // 8)))
+        count = min(len(pool), max(2, len(pool) // 8))
         return pool[-count:]
     names = {n for n, _ in convs}
     if isinstance(layers, list):
