@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from .core import CenterKernelConfig
 
-__all__ = ["DataOptions", "ModelOptions", "RunConfig", "StrategyOptions", "TrainOptions", "WandbOptions",
-           "main", "run"]
+__all__ = ["BenchConfig", "DataOptions", "ModelOptions", "RunConfig", "StrategyOptions", "TrainOptions",
+           "WandbOptions", "bench", "main", "run"]
 
 _BUILTIN_BENCHMARKS = ("digits", "fashion_mnist", "cifar100")
 _DOWNLOAD_TIMEOUT_S = 30.0
@@ -493,9 +493,104 @@ def _report(result: Any, summary: dict[str, float], folder: Path, logger: Any, s
         print(f"W&B offline run in {run_dir}; upload it with:  wandb sync {run_dir}")
 
 
+# ---------------------------------------------------------------------------------------------- cskl bench
+def _all_methods() -> list[str]:
+    from .avalanche.baselines import METHODS
+
+    return list(METHODS)
+
+
+@dataclass
+class BenchConfig:
+    """Every method side by side on one benchmark (issue 4): accuracy and per-step cost, mean ± std over seeds.
+
+    Args:
+        methods: names from ``lightning_cskl.avalanche.baselines.METHODS`` (default: all of them).
+        scenarios: ``class`` (base session + expanding head) and/or ``task`` (5 × 2, one head per task).
+        seeds: one run per seed and method.
+        benchmark: ``digits`` (embedded, seconds) or ``fashion_mnist`` (from ``data_root``).
+        data_root: Fashion-MNIST root (prepared from Debian's dataset-fashion-mnist when missing).
+        train_per_class: Fashion-MNIST training images per class (None: all 6000).
+        width: SmallCNN width of the backbone.
+        epochs, batch_size, lr, weight_decay: training of every experience (Adam), the same for every method.
+        method_options: per method, extra factory options (e.g. ``{ewc: {ewc_lambda: 10}}``).
+        time_steps: also time the steps (median, and the ratio to full fine-tuning).
+        threads: torch CPU threads (None: torch's default).
+        name, output_dir: outputs go to ``output_dir/name``.
+        progress: show a progress bar.
+    """
+
+    methods: list[str] = field(default_factory=_all_methods)
+    scenarios: list[Literal["class", "task"]] = field(default_factory=lambda: ["class", "task"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    benchmark: Literal["digits", "fashion_mnist"] = "digits"
+    data_root: str = "data"
+    train_per_class: Optional[int] = None
+    width: int = 16
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    time_steps: bool = True
+    threads: Optional[int] = None
+    name: str = "bench"
+    output_dir: str = "outputs"
+    progress: bool = True
+
+
+def bench(config: BenchConfig) -> dict[str, Any]:
+    """Run :func:`lightning_cskl.bench.run_bench` from a config; write tables, plots and a JSON."""
+    import torch
+
+    from .avalanche.baselines import METHODS
+    from .bench import run_bench
+    from .bench_plots import plot_bench
+
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"methods {unknown} are not known: use some of {', '.join(METHODS)}")
+    if not config.methods or not config.seeds or not config.scenarios:
+        raise UsageError("methods, scenarios and seeds must each name at least one")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+
+    def benchmark(scenario: str, seed: int) -> Any:
+        if config.benchmark == "digits":
+            from .data import split_digits_benchmark
+
+            return split_digits_benchmark(scenario, seed=seed)
+        from .data import split_fashion_mnist
+
+        return split_fashion_mnist(config.data_root, scenario, train_per_class=config.train_per_class)
+
+    def model(scenario: str) -> nn.Module:
+        from .avalanche import ClassIncrementalNet, TaskIncrementalNet
+        from .models import SmallCNN
+
+        backbone = SmallCNN(10, width=config.width)
+        net = ClassIncrementalNet if scenario == "class" else TaskIncrementalNet
+        return net(backbone.features, backbone.feature_dim, initial_classes=2)
+
+    folder = Path(config.output_dir) / config.name
+    began = time.time()
+    table = run_bench(config.methods, scenarios=config.scenarios, seeds=config.seeds, benchmark=benchmark,
+                      model=model, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                      weight_decay=config.weight_decay, method_options=config.method_options,
+                      time_steps=config.time_steps, out_dir=folder, progress=config.progress)
+    plots = plot_bench(table, folder)
+    results = {"config": asdict(config), "summary": table.summary(), "runs": table.runs,
+               "seconds": time.time() - began}
+    (folder / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table.markdown())
+    print(f"tables in {folder}/bench.md, bench.csv, bench_runs.csv; plots: {', '.join(p.name for p in plots)}")
+    return results
+
+
 # ---------------------------------------------------------------------------------------------- the command
 SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "run": (RunConfig, run, "a continual-learning run (default: Split Digits, class-incremental, CsKO)"),
+    "bench": (BenchConfig, bench, "every method side by side: accuracy, memory, FLOPs, step time (tables + plots)"),
 }
 
 

@@ -125,3 +125,32 @@ def test_experience_without_samples(tmp_path, capsys):
 def test_bad_class_split_and_unknown_benchmark(capsys):
     assert "do not split 10 classes" in _error(capsys, ["run", "--data.classes_per_exp", "4"])
     assert "data.benchmark='mnist' is not allowed" in _error(capsys, ["run", "--data.benchmark", "mnist"])
+
+
+def test_bench_smoke_writes_tables_and_plots(tmp_path, capsys):
+    """`cskl bench` end to end: three methods, one seed, Split Digits, one epoch."""
+    main(["bench", "--methods", "[full_finetune,last_layer,csko_dces]", "--scenarios", "[class]", "--seeds", "[0]",
+          "--epochs", "1", "--threads", "1", "--output_dir", str(tmp_path), "--progress", "false"])
+    folder = tmp_path / "bench"
+    for name in ("bench.md", "bench.csv", "bench_runs.csv", "bench.json", "acc_vs_memory_class.png",
+                 "acc_vs_flops_class.png", "accuracy_matrices_class.png"):
+        assert (folder / name).is_file(), name
+    table = (folder / "bench.md").read_text()
+    assert all(f"| {m} | class | 1 |" in table for m in ("full_finetune", "last_layer", "csko_dces"))
+    summary = {row["method"]: row for row in json.loads((folder / "bench.json").read_text())["summary"]}
+    assert summary["csko_dces"]["gradient_bytes_mean"] < summary["full_finetune"]["gradient_bytes_mean"]
+    assert 0.0 <= summary["csko_dces"]["acc_mean"] <= 1.0
+
+
+def test_bench_unknown_method_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--methods", "[gmp]"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cskl bench: error: methods ['gmp'] are not known: use some of full_finetune")
+    assert "\n" not in err
+
+
+def test_bench_fmnist_config_parses():
+    parsed = build_parser().parse_args(["bench", "--config", str(CONFIGS / "bench_fmnist.yaml")])["bench"]
+    assert parsed.benchmark == "fashion_mnist" and len(parsed.seeds) == 3 and "csko_dces_filter" in parsed.methods

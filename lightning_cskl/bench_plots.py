@@ -1,0 +1,74 @@
+"""Plots of a comparison (:func:`lightning_cskl.bench.run_bench`): where people would rather look than read."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_bench"]
+
+
+def plot_bench(table: Any, out_dir: Path) -> list[Path]:
+    """Write, per scenario, accuracy against training memory (the Pareto picture) and against FLOPs per step,
+    and the accuracy matrix of every method (first seed). Returns the PNG paths.
+
+    Args:
+        table: a :class:`~lightning_cskl.bench.BenchTable`.
+        out_dir: folder for the PNGs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    summary = table.summary()
+    for scenario in sorted({row["scenario"] for row in summary}):
+        rows = [r for r in summary if r["scenario"] == scenario]
+        for column, label, scale, name in (("training_memory_bytes", "training memory per step (KiB)", 1 / 1024,
+                                            "memory"), ("flops", "training FLOPs per step (MFLOP)", 1e-6, "flops")):
+            points = [r for r in rows if not math.isnan(r[f"{column}_mean"])]
+            if not points:
+                continue
+            figure, axes = plt.subplots(figsize=(6.5, 4.5))
+            for row in points:
+                x, y = row[f"{column}_mean"] * scale, row["acc_mean"] * 100
+                axes.errorbar(x, y, yerr=row["acc_std"] * 100, fmt="o", capsize=3)
+                axes.annotate(row["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axes.set_xscale("log")
+            axes.set_xlabel(label + " (log scale)")
+            axes.set_ylabel("ACC after the last experience (%)")
+            axes.set_title(f"{scenario}-incremental: accuracy against {name}", fontsize=10)
+            axes.grid(alpha=0.3)
+            figure.tight_layout()
+            path = out_dir / f"acc_vs_{name}_{scenario}.png"
+            figure.savefig(path, dpi=120)
+            plt.close(figure)
+            paths.append(path)
+        runs = {}
+        for run in table.runs:
+            if run["scenario"] == scenario and run["method"] not in runs:
+                runs[run["method"]] = run["accuracy"]
+        if runs:
+            columns = min(4, len(runs))
+            lines = math.ceil(len(runs) / columns)
+            figure, grid = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.0 * lines), squeeze=False)
+            for axes, (method, accuracy) in zip(grid.flat, runs.items()):
+                values = np.array(accuracy, dtype=float)
+                shown = np.ma.masked_array(values, mask=np.triu(np.ones_like(values, dtype=bool), k=1))
+                axes.imshow(shown, vmin=0, vmax=1, cmap=plt.get_cmap("viridis").with_extremes(bad="#dddddd"))
+                axes.set_title(method, fontsize=9)
+                axes.set_xticks([])
+                axes.set_yticks([])
+            for axes in list(grid.flat)[len(runs):]:
+                axes.axis("off")
+            figure.suptitle(f"{scenario}-incremental accuracy matrices (row: after experience i)", fontsize=10)
+            figure.tight_layout()
+            path = out_dir / f"accuracy_matrices_{scenario}.png"
+            figure.savefig(path, dpi=110)
+            plt.close(figure)
+            paths.append(path)
+    return paths
