@@ -11,3 +11,14 @@ def digit_tasks():
     from lightning_cskl.data import split_digits
 
     return split_digits(n_tasks=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, and stay fast when other processes share the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

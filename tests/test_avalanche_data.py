@@ -19,12 +19,8 @@ from lightning_cskl.models import SmallCNN
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is fastest, and it stays fast when other processes share the 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    pass
 
 
 needs_fmnist = pytest.mark.skipif(

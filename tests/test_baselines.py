@@ -35,11 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    pass
 
 
 def _tiny_benchmark(scenario: str, train: int = 300, test: int = 150):

@@ -21,11 +21,8 @@ OPTIONS = {"csko_dces": {"score_batches": 1}}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    pass
 
 
 def _small_benchmark(scenario: str, seed: int):
