@@ -110,7 +110,11 @@ class StudyConfig:
         width: ``nf`` of the ResNet-18 (channels of its first stage) or ``width`` of the small CNN.
         base_epochs: epochs of the base session (all parameters, BatchNorm in training mode).
         epochs: epochs of each study run (one tap and the new-task head; also the head-only reference).
-        lr: Adam learning rate, base session and study runs alike (no weight decay).
+        lr: learning rate of the study runs (one tap and the head; also the head-only reference).
+        optimizer: optimizer of the study runs: ``adam`` (no weight decay; every trained element moves by about
+            ``lr`` per step whatever its gradient's size) or ``sgd`` (momentum 0.9; steps follow the gradient's
+            size, so taps with larger gradients move more).
+        base_lr: Adam learning rate of the base session.
         probe_epochs: epochs of the linear probe that every study run's new-task head starts from (a head
             fitted on the frozen base features, computed once per seed on cached features); 0: every run
             starts from a freshly initialised head.
@@ -124,7 +128,7 @@ class StudyConfig:
             ``top_right``, ``bottom_left``, ``bottom_right``, and ``full`` (the whole kernel, reference).
         output_dir: where the tables, the JSON, the heatmaps and the base checkpoint go.
         reuse_base: load the base model from ``output_dir/base.pt`` when it was trained with the same base
-            settings (data, model, base_epochs, lr, batch_size, seed).
+            settings (data, model, base_epochs, base_lr, batch_size, seed).
         threads: torch CPU threads (None: leave torch's setting).
         progress: show a tqdm progress bar.
 
@@ -149,6 +153,8 @@ class StudyConfig:
     base_epochs: int = 4
     epochs: int = 2
     lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    base_lr: float = 1e-3
     probe_epochs: int = 20
     probe_lr: float = 1e-2
     batch_size: int = 64
@@ -192,7 +198,9 @@ class StudyConfig:
                 raise ValueError(f"{name}={value!r} is not allowed: it must be an int >= 1")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ValueError(f"threads={self.threads!r} is not allowed: use None or an int >= 1")
-        for name in ("lr", "probe_lr"):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not allowed: use adam or sgd")
+        for name in ("lr", "base_lr", "probe_lr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
@@ -423,7 +431,7 @@ def _accuracy(tail: nn.Module, head: nn.Module, inputs: Tensor, labels: Tensor) 
 
 def _train_base(config: StudyConfig, model: nn.Module, data: _Split) -> None:
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.base_lr)
     model.train()
     for _ in range(config.base_epochs):
         for index in _batches(len(data.train_y), config.batch_size, generator):
@@ -446,12 +454,13 @@ def train_new_task(
     lr: float,
     batch_size: int,
     seed: int,
+    optimizer: Literal["adam", "sgd"] = "adam",
 ) -> dict[str, int]:
     """Fine-tune ``head`` on ``model``'s features and, with ``depth``, one tap of that stage's 3×3 convs, in place.
 
     Every other parameter and buffer of ``model`` stays as it is, bit for bit: all parameters are frozen,
     the model runs in eval mode (BatchNorm uses and keeps its running statistics), and the trained weights
-    move only at the tap (:class:`TapMask`). Adam, no weight decay. The frozen stages before ``depth`` run
+    move only at the tap (:class:`TapMask`). The frozen stages before ``depth`` run
     once over ``images`` (their output is cached for all epochs).
 
     Args:
@@ -462,9 +471,10 @@ def train_new_task(
         depth: the stage whose 3×3 convs train (:func:`convs_in`); None trains the head only.
         position: a tap of :data:`POSITIONS` or ``"full"``; required with ``depth``.
         epochs: passes over the data.
-        lr: Adam learning rate.
+        lr: learning rate.
         batch_size: batch size.
         seed: seed of the batch order.
+        optimizer: ``adam`` (no weight decay) or ``sgd`` (momentum 0.9).
 
     Returns:
         ``{"trainable_parameters": ...}``: head parameters plus the trained tap elements.
@@ -479,12 +489,12 @@ def train_new_task(
     before, tail = _split_at(model, depth)
     inputs = _run(before, images)
     return _fit(model, tail, head, inputs, labels, depth=depth, position=position, epochs=epochs, lr=lr,
-                batch_size=batch_size, seed=seed)
+                batch_size=batch_size, seed=seed, optimizer=optimizer)
 
 
 def _fit(model: nn.Module, tail: nn.Module, head: nn.Linear, inputs: Tensor, labels: Tensor, *,
          depth: Optional[str], position: Optional[str], epochs: int, lr: float, batch_size: int,
-         seed: int) -> dict[str, int]:
+         seed: int, optimizer: str = "adam") -> dict[str, int]:
     """:func:`train_new_task` on the cached input of stage ``depth`` (``tail`` = the stages from it on)."""
     if depth is not None and position not in _ALL_POSITIONS:
         raise ValueError(f"position={position!r} is not allowed with depth={depth!r}: use one of "
@@ -497,16 +507,19 @@ def _fit(model: nn.Module, tail: nn.Module, head: nn.Linear, inputs: Tensor, lab
     trainable = sum(p.numel() for p in head.parameters())
     for conv in convs.values():
         trainable += conv.weight.numel() if position == FULL else conv.weight[..., 0, 0].numel()
-    optimizer = torch.optim.Adam(params, lr=lr)
+    if optimizer == "sgd":
+        step: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        step = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     head.train()
     try:
         for _ in range(epochs):
             for index in _batches(len(labels), batch_size, generator):
-                optimizer.zero_grad(set_to_none=True)
+                step.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(head(tail(inputs[index])), labels[index])
                 loss.backward()
-                optimizer.step()
+                step.step()
                 if mask is not None:
                     mask.restore()
     finally:
@@ -518,7 +531,7 @@ def _fit(model: nn.Module, tail: nn.Module, head: nn.Linear, inputs: Tensor, lab
 
 
 # ---------------------------------------------------------------------------------------------- the study
-_BASE_KEYS = ("dataset", "root", "base_classes", "samples_per_class", "model", "width", "base_epochs", "lr",
+_BASE_KEYS = ("dataset", "root", "base_classes", "samples_per_class", "model", "width", "base_epochs", "base_lr",
               "batch_size", "seed")
 
 
@@ -578,7 +591,8 @@ def _one_run(config: StudyConfig, base_model: nn.Module, head: nn.Linear, cached
     head = copy.deepcopy(head)
     _, tail = _split_at(model, depth)
     info = _fit(model, tail, head, cached.new_train, new.train_y, depth=depth, position=position,
-                epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=seed)
+                epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=seed,
+                optimizer=config.optimizer)
     return {
         "depth": depth, "position": position, "seed": seed,
         "new_acc": _accuracy(tail, head, cached.new_test, new.test_y),
@@ -618,7 +632,9 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     old, new = _load_data(config)
+    base_began = time.perf_counter()
     base_model, reused = _base_model(config, old, out)
+    base_seconds = time.perf_counter() - base_began
     base_old_acc = _accuracy(base_model, nn.Identity(), old.test_x, old.test_y)
 
     seeds = [config.seed + r for r in range(config.repeats)]
@@ -657,6 +673,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
             "head_only_new_acc_per_seed": [references[s] for s in seeds],
             "head_only_trainable_parameters": reference["trainable_parameters"],
             "reused_checkpoint": reused,
+            "seconds": base_seconds,
         },
         "runs": runs,
         "summary": _summarise(runs, config),
@@ -748,8 +765,8 @@ def format_markdown(result: dict[str, Any]) -> str:
            f"{config['probe_lr']}: {base['probe_new_acc']:.2f}%), the start of every run"
            if config["probe_epochs"] else "freshly initialised in every run (same seed)")
         + f"; head-only run (the reference of 'gained'): {base['head_only_new_acc']:.2f}%. Study runs: "
-        f"{config['epochs']} epoch(s), Adam lr {config['lr']}, batch {config['batch_size']}, {repeats} seed(s) "
-        f"from {config['seed']}" + (" (mean ± std)" if repeats > 1 else "") + ".",
+        f"{config['epochs']} epoch(s), {config.get('optimizer', 'adam')} lr {config['lr']}, batch "
+        f"{config['batch_size']}, {repeats} seed(s) from {config['seed']}" + (" (mean ± std)" if repeats > 1 else "") + ".",
         "",
         "**New-task accuracy gained** (points over the head-only run; higher = more knowledge intensity)",
         "",
@@ -792,7 +809,10 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"{f'{rank_loss}/{len(taps)}' if rank_loss else '-'} | "
             f"{_fmt(full['gained']) + ' / ' + _fmt(full['lost']) if full else '-'} |"
         )
-    lines += ["", f"Study wall time: {result['seconds']:.0f} s; machine: {result['machine']['machine']}, "
+    base_time = result["base"].get("seconds")
+    lines += ["", f"Study wall time: {result['seconds']:.0f} s"
+              + (f" (base session: {base_time:.0f} s{', loaded' if result['base']['reused_checkpoint'] else ''})"
+                 if base_time is not None else "") + f"; machine: {result['machine']['machine']}, "
               f"{result['machine']['cpus']} CPUs, {result['machine']['threads']} torch threads, torch "
               f"{result['machine']['torch']}.", ""]
     return "\n".join(lines)

@@ -81,8 +81,8 @@ def test_base_checkpoint_is_reused_only_for_the_same_base_settings(study, tmp_pa
     assert "± " in (tmp_path / "study.md").read_text()  # repeats > 1: mean ± std
 
 
-@pytest.mark.parametrize("position", ["center", "top_left", "bottom"])
-def test_tap_only_training_moves_exactly_that_tap(position):
+@pytest.mark.parametrize(("position", "optimizer"), [("center", "adam"), ("top_left", "adam"), ("bottom", "sgd")])
+def test_tap_only_training_moves_exactly_that_tap(position, optimizer):
     torch.manual_seed(0)
     model = resnet18(4, 1, nf=4)
     model.train()
@@ -92,7 +92,7 @@ def test_tap_only_training_moves_exactly_that_tap(position):
     head = nn.Linear(model.feature_dim, 3)
     images, labels = torch.randn(48, 1, 8, 8), torch.randint(0, 3, (48,))
     train_new_task(model, head, images, labels, depth="layer3", position=position, epochs=2, lr=1e-2,
-                   batch_size=16, seed=0)
+                   batch_size=16, seed=0, optimizer=optimizer)
     trained = convs_in(model, "layer3")
     row, col = tap_index((3, 3), position)
     after = model.state_dict()
@@ -166,6 +166,8 @@ def test_tap_index_names_the_nine_taps():
         ({"samples_per_class": 0}, "samples_per_class=0 is not allowed"),
         ({"lr": -1.0}, "lr=-1.0 is not allowed"),
         ({"probe_lr": 0.0}, "probe_lr=0.0 is not allowed"),
+        ({"base_lr": float("nan")}, "base_lr=nan is not allowed"),
+        ({"optimizer": "rmsprop"}, "optimizer='rmsprop' is not allowed: use adam or sgd"),
         ({"probe_epochs": -1}, "probe_epochs=-1 is not allowed: it must be an int >= 0"),
         ({"repeats": 0}, "repeats=0 is not allowed"),
         ({"dataset": "cifar10"}, "dataset='cifar10' is not allowed: use one of fashion_mnist, digits"),
