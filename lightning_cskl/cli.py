@@ -27,9 +27,10 @@ from typing import Any, Callable, Literal, Optional, Union
 from torch import Tensor, nn
 
 from .core import CenterKernelConfig
+from .study import StudyConfig, run_study
 
 __all__ = ["BenchConfig", "DataOptions", "ModelOptions", "RunConfig", "StrategyOptions", "TrainOptions",
-           "WandbOptions", "bench", "main", "run"]
+           "WandbOptions", "bench", "main", "run"]  # `cskl study`: lightning_cskl.study
 
 _BUILTIN_BENCHMARKS = ("digits", "fashion_mnist", "cifar100")
 _DOWNLOAD_TIMEOUT_S = 30.0
@@ -591,6 +592,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
 SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "run": (RunConfig, run, "a continual-learning run (default: Split Digits, class-incremental, CsKO)"),
     "bench": (BenchConfig, bench, "every method side by side: accuracy, memory, FLOPs, step time (tables + plots)"),
+    "study": (StudyConfig, run_study, "knowledge intensity of each kernel tap per depth (issue 5): table, heatmaps"),
 }
 
 
@@ -632,7 +634,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ValueError as error:  # a config dataclass refused a value in __post_init__ (e.g. channel_ratio)
         _fail(f"cskl {command}", str(error))
     values = {k: v for k, v in instantiated.items() if k in config_type.__dataclass_fields__}
-    _execute(f"cskl {command}", function, config_type(**values))
+    try:
+        config = config_type(**values)
+    except ValueError as error:  # __post_init__ checks of the config dataclass
+        _fail(f"cskl {command}", str(error))
+    _execute(f"cskl {command}", function, config)
 
 
 def _execute(prog: str, function: Callable[[Any], Any], config: Any) -> None:

@@ -44,8 +44,9 @@ Example:
     >>> tap_index((3, 3), "top_left"), tap_index((3, 3), "center"), tap_index((5, 5), "right")
     ((0, 0), (1, 1), (2, 4))
 
-Command line (until ``cskl study`` exists; same options)::
+Command line (``cskl study`` takes the same options)::
 
+    cskl study --config configs/study_fmnist.yaml
     python -m lightning_cskl.study --config configs/study_fmnist.yaml
     python -m lightning_cskl.study --config configs/study_fmnist.yaml --depths '[layer4]' --epochs 1
 """

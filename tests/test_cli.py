@@ -154,3 +154,20 @@ def test_bench_unknown_method_is_one_line(capsys):
 def test_bench_fmnist_config_parses():
     parsed = build_parser().parse_args(["bench", "--config", str(CONFIGS / "bench_fmnist.yaml")])["bench"]
     assert parsed.benchmark == "fashion_mnist" and len(parsed.seeds) == 3 and "csko_dces_filter" in parsed.methods
+
+
+def test_study_subcommand_end_to_end(tmp_path, capsys):
+    main(["study", "--dataset", "digits", "--samples_per_class", "40", "--test_per_class", "20", "--width", "4",
+          "--base_epochs", "1", "--epochs", "1", "--probe_epochs", "2", "--depths", "[layer4]",
+          "--positions", "[center,top_left]", "--output_dir", str(tmp_path), "--progress", "false",
+          "--threads", "1"])
+    assert (tmp_path / "study.json").is_file() and (tmp_path / "heatmap_layer4.png").is_file()
+    assert len(json.loads((tmp_path / "study.json").read_text())["runs"]) == 2
+
+
+def test_study_bad_position_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--positions", "[centre]"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cskl study: error:") and "'centre' is not a kernel position" in err and "\n" not in err
