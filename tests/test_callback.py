@@ -218,3 +218,20 @@ def test_a_fit_too_short_for_scoring_warns(digit_tasks):
     fit_task(model, cb, digit_tasks[0], 0, epochs=1)
     with pytest.warns(UserWarning, match=r"this fit has 8 optimizer steps but DCES scores for 50 more"):
         fit_task(model, cb, digit_tasks[1], 1, epochs=1)
+
+
+def test_gradient_filter_option_reaches_the_branches(digit_tasks):
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=2, gradient_filter=2)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+
+    class Check(L.Callback):
+        seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen += [m.gradient_filter for m in pl_module.modules() if isinstance(m, CenterDecoupledConv)]
+
+    check = Check()
+    fit_task(model, cb, digit_tasks[1], 1, epochs=1, extra_callbacks=[check])
+    assert check.seen and set(check.seen) == {2}
+    assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
