@@ -83,3 +83,8 @@ def test_classic_split_fmnist_runs_unchanged(tmp_path):
     accuracy = [v for k, v in metrics.items() if k.startswith("Top1_Acc_Exp")]
     assert len(accuracy) == 2 and max(accuracy) > 0.5
     assert strategy.cskl.learner.tasks_seen == 2
+
+
+def test_missing_data_message_names_the_source_folder(tmp_path):
+    with pytest.raises(DataNotFoundError, match=r"cannot be prepared from .*nowhere.*apt-get install -y dataset-fashion"):
+        prepare_fashion_mnist(tmp_path / "root", source=tmp_path / "nowhere")

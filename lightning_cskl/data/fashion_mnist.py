@@ -35,9 +35,9 @@ class DataNotFoundError(FileNotFoundError):
     """A data set is not on disk and cannot be prepared from local files."""
 
 
-def _how_to_get(root: Path) -> str:
+def _how_to_get(root: Path, source: Union[str, os.PathLike] = DEBIAN_FASHION_MNIST) -> str:
     return (
-        f"Fashion-MNIST is not in {root / 'FashionMNIST' / 'raw'} and cannot be prepared from {DEBIAN_FASHION_MNIST}. "
+        f"Fashion-MNIST is not in {root / 'FashionMNIST' / 'raw'} and cannot be prepared from {source}. "
         "Get it with `sudo apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; it is then prepared "
         "automatically), or pass download=True where a network exists, or put the four IDX files "
         f"({', '.join(_FILES)}) into {root / 'FashionMNIST' / 'raw'}."
@@ -69,7 +69,7 @@ def prepare_fashion_mnist(root: Union[str, os.PathLike], source: Union[str, os.P
                 found[name] = candidate
                 break
     if len(found) != len(_FILES):
-        raise DataNotFoundError(_how_to_get(root))
+        raise DataNotFoundError(_how_to_get(root, source))
     raw.mkdir(parents=True, exist_ok=True)
     for name, path in found.items():
         target = raw / name
@@ -110,7 +110,7 @@ def load_fashion_mnist(
             FashionMNIST(str(root), train=True, download=True)
             FashionMNIST(str(root), train=False, download=True)
         except Exception as error:  # torchvision raises RuntimeError/URLError/timeout
-            raise DataNotFoundError(f"downloading Fashion-MNIST failed ({error}). {_how_to_get(root)}") from error
+            raise DataNotFoundError(f"downloading Fashion-MNIST failed ({error}). {_how_to_get(root, source)}") from error
         finally:
             socket.setdefaulttimeout(previous)
     splits = []
