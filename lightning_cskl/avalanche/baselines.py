@@ -41,7 +41,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from avalanche.core import BasePlugin, SupervisedPlugin
-from avalanche.models import IncrementalClassifier, MultiHeadClassifier
 from avalanche.models.utils import is_multi_task_module
 from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin, LwFPlugin
@@ -56,7 +55,7 @@ from ..core.full_kernel import FullKernelCovariance, full_kernel_projector, proj
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
-from .strategy import CSKLStrategy
+from .strategy import CSKLStrategy, find_classifier
 
 __all__ = [
     "BiasOnlyPlugin",
@@ -75,35 +74,6 @@ Evaluator = Union[EvaluationPlugin, Callable[[], EvaluationPlugin], None]
 
 class UnknownMethodError(ValueError):
     """A method name that is not in :data:`METHODS`."""
-
-
-def find_classifier(model: nn.Module, head: str = "auto") -> str:
-    """Qualified name of the classifier head: ``head`` itself, or with ``"auto"`` the last outermost Avalanche
-    ``IncrementalClassifier`` / ``MultiHeadClassifier`` of the model, else its last ``nn.Linear``.
-
-    Example:
-        >>> from lightning_cskl.avalanche import TaskIncrementalNet
-        >>> from lightning_cskl.models import SmallCNN
-        >>> find_classifier(TaskIncrementalNet(SmallCNN(10).features, 32))
-        'head'
-
-
-    Raises:
-        ValueError: no such module.
-    """
-    names = dict(model.named_modules())
-    if head != "auto":
-        if head not in names:
-            raise ValueError(f"head={head!r} is not a module of {type(model).__name__}")
-        return head
-    for kinds in ((IncrementalClassifier, MultiHeadClassifier), (nn.Linear,)):
-        found = [n for n, m in names.items() if isinstance(m, kinds)]
-        # outermost only: a MultiHeadClassifier holds one IncrementalClassifier per task
-        outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
-        if outer:
-            return outer[-1]
-    raise ValueError(f"{type(model).__name__} has no classifier head (nn.Linear or Avalanche classifier): "
-                     "pass head='<qualified name>'")
 
 
 def _batchnorms(model: nn.Module) -> list[nn.Module]:

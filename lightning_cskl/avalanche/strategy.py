@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from avalanche.core import BasePlugin, SupervisedPlugin
+from avalanche.models import IncrementalClassifier, MultiHeadClassifier
 from avalanche.models.utils import is_multi_task_module
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
 from avalanche.training.templates import SupervisedTemplate
@@ -39,7 +40,7 @@ from typing_extensions import override
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
 from ..core.prototypes import PrototypeMemory
 
-__all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "find_head"]
+__all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "find_classifier", "find_head"]
 
 PrototypeReplay = Union[Literal["auto"], bool]
 
@@ -53,28 +54,37 @@ def _experience_name(experience: Any) -> str:
     return f"experience {getattr(experience, 'current_experience', '?')} of stream {stream!r}"
 
 
-def find_head(model: nn.Module, head: str = "auto") -> nn.Module:
-    """The classifier head whose input is the feature vector: ``head`` by qualified name, or with ``"auto"``
-    the last ``IncrementalClassifier`` of the model, else its last ``nn.Linear``.
+def find_classifier(model: nn.Module, head: str = "auto") -> str:
+    """Qualified name of the classifier head: ``head`` itself, or with ``"auto"`` the last outermost Avalanche
+    ``IncrementalClassifier`` / ``MultiHeadClassifier`` of the model, else its last ``nn.Linear``.
+
+    Example:
+        >>> from lightning_cskl.avalanche import TaskIncrementalNet
+        >>> from lightning_cskl.models import SmallCNN
+        >>> find_classifier(TaskIncrementalNet(SmallCNN(10).features, 32))
+        'head'
 
     Raises:
         ValueError: no such module.
     """
+    names = dict(model.named_modules())
     if head != "auto":
-        try:
-            return model.get_submodule(head)
-        except AttributeError:
-            raise ValueError(f"head={head!r} is not a module of {type(model).__name__}") from None
-    from avalanche.models import IncrementalClassifier
+        if head not in names:
+            raise ValueError(f"head={head!r} is not a module of {type(model).__name__}")
+        return head
+    for kinds in ((IncrementalClassifier, MultiHeadClassifier), (nn.Linear,)):
+        found = [n for n, m in names.items() if isinstance(m, kinds)]
+        # outermost only: a MultiHeadClassifier holds one IncrementalClassifier per task
+        outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+        if outer:
+            return outer[-1]
+    raise ValueError(f"{type(model).__name__} has no classifier head (nn.Linear or Avalanche classifier): "
+                     "pass head='<qualified name>'")
 
-    for kind in (IncrementalClassifier, nn.Linear):
-        found = [m for m in model.modules() if isinstance(m, kind)]
-        if found:
-            return found[-1]
-    raise ValueError(
-        f"prototype replay needs a classifier head, and {type(model).__name__} has no nn.Linear or "
-        "IncrementalClassifier: pass head='<qualified name>' or prototype_replay=False"
-    )
+
+def find_head(model: nn.Module, head: str = "auto") -> nn.Module:
+    """The classifier head module (see :func:`find_classifier`)."""
+    return model.get_submodule(find_classifier(model, head))
 
 
 class CSKLPlugin(SupervisedPlugin, supports_distributed=True):
