@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
-from avalanche.core import BasePlugin, SupervisedPlugin
+from avalanche.core import BasePlugin
 from avalanche.models.utils import is_multi_task_module
 from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin, LwFPlugin
@@ -55,7 +55,7 @@ from ..core.full_kernel import FullKernelCovariance, full_kernel_projector, proj
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
-from .strategy import CSKLStrategy, find_classifier
+from .strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier
 
 __all__ = [
     "BiasOnlyPlugin",
@@ -80,7 +80,7 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
+class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
     """Base of the on-device and projection baselines: experience 0 (the base session) trains every
     parameter; every later one trains only :meth:`trainable` and keeps BatchNorm in eval mode.
 
@@ -214,16 +214,6 @@ class IncrementalFreezePlugin(SupervisedPlugin, supports_distributed=True):
                 self._replay_head = model.get_submodule(find_classifier(model, self.head))
                 self.memory.begin_task(self.experiences_seen)
             self.begin_experience(strategy)
-
-    @override
-    def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        if self._replay_head is not None:
-            strategy.mb_output = self.memory.scale(strategy.mb_output)
-
-    @override
-    def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        if self._replay_head is not None:
-            strategy.loss = strategy.loss + self.memory.loss(self._replay_head, len(strategy.mb_y))
 
     @override
     def before_training_epoch(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:

@@ -40,7 +40,7 @@ from typing_extensions import override
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
 from ..core.prototypes import PrototypeMemory
 
-__all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "find_classifier", "find_head"]
+__all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head"]
 
 PrototypeReplay = Union[Literal["auto"], bool]
 
@@ -87,7 +87,29 @@ def find_head(model: nn.Module, head: str = "auto") -> nn.Module:
     return model.get_submodule(find_classifier(model, head))
 
 
-class CSKLPlugin(SupervisedPlugin, supports_distributed=True):
+class PrototypeReplayHooks(SupervisedPlugin):
+    """The two training hooks of prototype replay (METHOD.md §4), shared by every plugin that offers it.
+
+    While a subclass has set ``_replay_head`` for the current experience, logits are divided by τ and the
+    loss on old-class prototypes passed through that head is added before backward (``self.memory``, a
+    :class:`~lightning_cskl.core.prototypes.PrototypeMemory`, does the math).
+    """
+
+    memory: PrototypeMemory
+    _replay_head: Optional[nn.Module] = None
+
+    @override
+    def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        if self._replay_head is not None:
+            strategy.mb_output = self.memory.scale(strategy.mb_output)
+
+    @override
+    def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        if self._replay_head is not None:
+            strategy.loss = strategy.loss + self.memory.loss(self._replay_head, len(strategy.mb_y))
+
+
+class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
     """Center-Sensitive Kernel Optimization with DCES as an Avalanche plugin; add it to any SupervisedTemplate.
 
     The first experience trains every parameter (the base session, ``first_task="full"``); each later one
@@ -201,16 +223,6 @@ class CSKLPlugin(SupervisedPlugin, supports_distributed=True):
         if self.replays_prototypes(model) and len(self.memory) and not self.learner.is_base_task:
             self._replay_head = find_head(model, self.head)
             self.memory.begin_task(self.learner.tasks_seen)
-
-    @override
-    def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        if self._replay_head is not None:
-            strategy.mb_output = self.memory.scale(strategy.mb_output)
-
-    @override
-    def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        if self._replay_head is not None:
-            strategy.loss = strategy.loss + self.memory.loss(self._replay_head, len(strategy.mb_y))
 
     @override
     def after_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
