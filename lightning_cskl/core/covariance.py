@@ -61,20 +61,19 @@ class CovarianceCollector:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in layers}
 
+    def statistic(self, name: str, module: nn.Module, x: Tensor, output: Tensor) -> tuple[Tensor, int]:
+        """``(sum of outer products, number of vectors)`` of one forward call; subclasses change what is summed."""
+        conv = getattr(module, "conv", module)
+        ndim = len(conv.kernel_size)
+        if x.dim() == ndim + 1:  # unbatched input
+            x, output = x.unsqueeze(0), output.unsqueeze(0)
+        return center_covariance(center_input(conv, x, tuple(output.shape[-ndim:])), conv.groups)
+
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            conv = getattr(module, "conv", module)
-            ndim = len(conv.kernel_size)
-            x = inputs[0]
-            if x.dim() == ndim + 1:  # unbatched input
-                x, output = x.unsqueeze(0), output.unsqueeze(0)
-            x_center = center_input(conv, x, tuple(output.shape[-ndim:]))
-            total, count = center_covariance(x_center, conv.groups)
-            if name in self.sums:
-                self.sums[name] += total
-            else:
-                self.sums[name] = total
-            self.counts[name] += count
+            total, count = self.statistic(name, module, inputs[0], output)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+            self.counts[name] = self.counts.get(name, 0) + count
 
         return hook
 

@@ -16,13 +16,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .covariance import CovarianceCollector
 from .projection import ProjectionCriterion, layer_projector, project_update
 
 __all__ = [
@@ -69,8 +68,9 @@ def patch_covariance(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, int]:
     return torch.einsum("ngi,ngj->gij", patches, patches), patches.shape[0]
 
 
-class FullKernelCovariance:
-    """Collects the mean patch covariance ``(1/N) Σ p pᵀ`` of named convolutions with forward hooks.
+class FullKernelCovariance(CovarianceCollector):
+    """Collects the mean patch covariance ``(1/N) Σ p pᵀ`` of named convolutions with forward hooks: the
+    C·k²-dimensional representation of full-kernel GPM / Adam-NSCL, where CsKO keeps only the center's C.
 
     Args:
         layers: qualified name -> ``nn.Conv2d``.
@@ -85,27 +85,10 @@ class FullKernelCovariance:
     """
 
     def __init__(self, layers: dict[str, nn.Conv2d]) -> None:
-        self.layers = {name: validate_full_kernel_conv(name, conv) for name, conv in layers.items()}
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
+        super().__init__({name: validate_full_kernel_conv(name, conv) for name, conv in layers.items()})
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            total, count = patch_covariance(inputs[0], self.layers[name])
-            self.sums[name] = self.sums[name] + total if name in self.sums else total
-            self.counts[name] = self.counts.get(name, 0) + count
-
-        return hook
-
-    @contextmanager
-    def hooked(self) -> Iterator["FullKernelCovariance"]:
-        """Record while inside the block; the hooks are removed on exit, also after an exception."""
-        handles = [conv.register_forward_hook(self._hook(name)) for name, conv in self.layers.items()]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    def statistic(self, name: str, module: nn.Module, x: Tensor, output: Tensor) -> tuple[Tensor, int]:
+        return patch_covariance(x, self.layers[name])
 
     def covariances(self) -> dict[str, Tensor]:
         """Mean covariance per layer (float64, on the CPU); layers that saw no input are left out."""
