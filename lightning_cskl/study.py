@@ -768,23 +768,14 @@ def format_markdown(result: dict[str, Any]) -> str:
         + f"; head-only run (the reference of 'gained'): {base['head_only_new_acc']:.2f}%. Study runs: "
         f"{config['epochs']} epoch(s), {config.get('optimizer', 'adam')} lr {config['lr']}, batch "
         f"{config['batch_size']}, {repeats} seed(s) from {config['seed']}" + (" (mean ± std)" if repeats > 1 else "") + ".",
-        "",
-        "**New-task accuracy gained** (points over the head-only run; higher = more knowledge intensity)",
-        "",
-        "| position | " + " | ".join(depths) + " |",
-        "|---|" + "---|" * len(depths),
     ]
-    for position in positions:
-        lines.append(f"| {position} | " + " | ".join(_cell(summary[d][position], "gained", repeats) for d in depths) + " |")
-    lines += [
-        "",
-        "**Old-task accuracy lost** (points below the base model; lower = less forgetting)",
-        "",
-        "| position | " + " | ".join(depths) + " |",
-        "|---|" + "---|" * len(depths),
-    ]
-    for position in positions:
-        lines.append(f"| {position} | " + " | ".join(_cell(summary[d][position], "lost", repeats) for d in depths) + " |")
+    for key, title in (("gained", "**New-task accuracy gained** (points over the head-only run; higher = more "
+                                  "knowledge intensity)"),
+                       ("lost", "**Old-task accuracy lost** (points below the base model; lower = less forgetting)")):
+        lines += ["", title, "", "| position | " + " | ".join(depths) + " |", "|---|" + "---|" * len(depths)]
+        for position in positions:
+            lines.append(f"| {position} | " + " | ".join(_cell(summary[d][position], key, repeats) for d in depths)
+                         + " |")
     lines += ["", "**Per depth** (taps only; rank 1 = largest gain / smallest loss among the taps studied)", "",
               "| depth | trained elements per tap | best tap (gained) | center: rank by gain | center gained | "
               "mean edge gained | mean corner gained | center − mean of the other taps, gained (per seed) | "
