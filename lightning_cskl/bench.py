@@ -1,11 +1,12 @@
 """The comparison runner: methods × scenarios × seeds on one benchmark, side by side, into Markdown and CSV.
 
 Each run is :func:`~lightning_cskl.avalanche.run_continual` with a strategy from
-:data:`~lightning_cskl.avalanche.baselines.METHODS`, on the same data, epochs, batch size, optimizer and
-initial weights (seeded per seed) for every method. Experience 0 is the base session: every method trains
-all parameters there with the same procedure, so every method starts its incremental experiences from the
-same base model (the ``base_acc`` column, ``a[0][0]``, shows it; :func:`run_bench` warns when methods
-disagree).
+:data:`~lightning_cskl.avalanche.baselines.METHODS`, on the same data, epochs, batch size and optimizer for
+every method. Experience 0 is the base session: per scenario and seed it is trained once, with every
+parameter (full fine-tuning), and that checkpoint starts every method (``run_continual(base=...)``), so all
+methods share ``a[0][0]`` (the ``base_acc`` column) and begin their incremental experiences from the same
+weights. With ``out_dir`` set, each finished run is kept in ``out_dir/runs/`` and a rerun with the same
+settings skips it: an interrupted comparison resumes where it stopped.
 
 Cost columns come from :func:`lightning_cskl.core.accounting.measure_step` on one training batch of the last
 experience, measured at the end of its last epoch in the method's real incremental state (frozen parts,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
 import math
 import os
@@ -40,7 +42,7 @@ from avalanche.models.utils import is_multi_task_module
 from torch import Tensor, nn
 
 from .avalanche.baselines import METHODS, UnknownMethodError, build_method
-from .avalanche.run import run_continual
+from .avalanche.run import run_continual, train_base
 from .core.accounting import StepCost, measure_step, storage_bytes
 
 __all__ = [
@@ -51,8 +53,8 @@ logger = logging.getLogger(__name__)
 
 ACCURACY_COLUMNS = ("acc", "aia", "forgetting", "bwt", "base_acc")
 COST_COLUMNS = (
-    "trainable_parameters", "flops", "saved_activation_bytes", "gradient_bytes", "optimizer_state_bytes",
-    "projection_state_bytes", "training_memory_bytes", "step_time_s", "step_time_ratio",
+    "trainable_parameters", "flops", "forward_flops", "backward_flops", "saved_activation_bytes", "gradient_bytes",
+    "optimizer_state_bytes", "projection_state_bytes", "training_memory_bytes", "step_time_s", "step_time_ratio",
 )
 
 
@@ -200,11 +202,12 @@ class BenchTable:
         """The summary as a Markdown table; accuracies in points, memory in KiB, FLOPs in MFLOP, mean ± std."""
         header = ["method", "scenario", "seeds", "ACC", "AIA", "forgetting", "BWT", "base ACC", "trainable params",
                   "train memory KiB", "grad KiB", "opt state KiB", "activations KiB", "projection KiB",
-                  "MFLOP/step", "step time ×full"]
+                  "MFLOP/step", "backward MFLOP/step", "step time ×full"]
         columns = [("acc", 100), ("aia", 100), ("forgetting", 100), ("bwt", 100), ("base_acc", 100),
                    ("trainable_parameters", 1), ("training_memory_bytes", 1 / 1024), ("gradient_bytes", 1 / 1024),
                    ("optimizer_state_bytes", 1 / 1024), ("saved_activation_bytes", 1 / 1024),
-                   ("projection_state_bytes", 1 / 1024), ("flops", 1e-6), ("step_time_ratio", 1)]
+                   ("projection_state_bytes", 1 / 1024), ("flops", 1e-6), ("backward_flops", 1e-6),
+                   ("step_time_ratio", 1)]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.summary():
             cells = [row["method"], row["scenario"], str(row["seeds"])]
@@ -259,6 +262,8 @@ def run_bench(
     time_repeats: int = 5,
     out_dir: Union[str, os.PathLike, None] = None,
     progress: bool = True,
+    resume: bool = True,
+    identity: Optional[dict[str, Any]] = None,
 ) -> BenchTable:
     """Run every method on every scenario and seed; measure accuracy and per-step cost side by side.
 
@@ -273,8 +278,12 @@ def run_bench(
         method_options: per method name, extra options for its factory (e.g. ``{"ewc": {"ewc_lambda": 10}}``).
         time_steps: measure the median step time (and its ratio to ``full_finetune`` when that runs too).
         time_repeats: timed steps per measurement.
-        out_dir: if given, the tables are written there (see :meth:`BenchTable.write`).
+        out_dir: if given, the tables are written there (see :meth:`BenchTable.write`), the base-session
+            checkpoints to ``out_dir/base/`` and each finished run to ``out_dir/runs/``.
         progress: a tqdm bar over runs.
+        resume: reuse the runs kept in ``out_dir/runs/`` whose settings match (False: rerun everything).
+        identity: what else identifies a run (data and model options, JSON values): a kept run is reused
+            only if it was made with the same ``identity``, training settings and method options.
 
     Returns:
         The :class:`BenchTable`.
@@ -295,39 +304,70 @@ def run_bench(
     if bad:
         raise ValueError(f"scenarios {bad} are not allowed: use 'class' and/or 'task'")
     options = method_options or {}
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                **(identity or {})}
+    out = Path(out_dir) if out_dir is not None else None
     table = BenchTable()
+
+    def build(method: str, scenario: str, seed: int, evaluator: Any, plugins: list[Any]) -> Any:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        net = model(scenario)
+        optimizer = torch.optim.Adam(net.parameters(), lr, weight_decay=weight_decay)
+        return build_method(method, model=net, optimizer=optimizer, evaluator=evaluator, train_epochs=epochs,
+                            train_mb_size=batch_size, eval_mb_size=eval_batch_size, plugins=plugins,
+                            **options.get(method, {}))
+
     with tqdm(total=len(methods) * len(scenarios) * len(seeds), disable=not progress, unit="run", desc="bench") as bar:
         for scenario in scenarios:
             for seed in seeds:
                 bench = benchmark(scenario, seed)
                 last = len(bench.train_stream) - 1
                 group: list[dict[str, Any]] = []
+                base: Optional[dict[str, Tensor]] = None
                 for method in methods:
                     bar.set_postfix(method=method, scenario=scenario, seed=seed)
-                    probe = CostProbe(last, time_steps, time_repeats)
-
-                    def factory(evaluator: Any, method: str = method, probe: CostProbe = probe) -> Any:
-                        torch.manual_seed(seed)
-                        random.seed(seed)
-                        net = model(scenario)
-                        optimizer = torch.optim.Adam(net.parameters(), lr, weight_decay=weight_decay)
-                        return build_method(method, model=net, optimizer=optimizer, evaluator=evaluator,
-                                            train_epochs=epochs, train_mb_size=batch_size,
-                                            eval_mb_size=eval_batch_size, plugins=[probe],
-                                            **options.get(method, {}))
-
-                    result = run_continual(bench, factory, progress=False)
-                    row: dict[str, Any] = {"method": method, "scenario": scenario, "seed": seed, **result.summary,
-                                           "base_acc": result.accuracy[0][0], "accuracy": result.accuracy}
-                    if probe.cost is not None:
-                        row.update({k: v for k, v in probe.cost.as_dict().items() if k in COST_COLUMNS})
+                    record = out / "runs" / f"{scenario}-seed{seed}-{method}.json" if out is not None else None
+                    row = _finished_run(record, {**settings, **options.get(method, {})}) if resume else None
+                    if row is None:
+                        if base is None:
+                            bar.set_postfix(method="base session", scenario=scenario, seed=seed)
+                            base_file = out / "base" / f"{scenario}-seed{seed}.pt" if out is not None else None
+                            base = train_base(bench, lambda ev: build("full_finetune", scenario, seed, ev, []),
+                                              base_file)
+                        probe = CostProbe(last, time_steps, time_repeats)
+                        result = run_continual(
+                            bench, lambda ev, m=method, p=probe: build(m, scenario, seed, ev, [p]), base=base,
+                            progress=False,
+                        )
+                        row = {"method": method, "scenario": scenario, "seed": seed, **result.summary,
+                               "base_acc": result.accuracy[0][0], "accuracy": result.accuracy}
+                        if probe.cost is not None:
+                            row.update({k: v for k, v in probe.cost.as_dict().items() if k in COST_COLUMNS})
+                        if record is not None:
+                            record.parent.mkdir(parents=True, exist_ok=True)
+                            payload = {"settings": {**settings, **options.get(method, {})}, "row": row}
+                            record.write_text(json.dumps(payload, indent=1) + "\n")
                     group.append(row)
                     bar.update(1)
                 _relate(group)
                 table.runs.extend(group)
-    if out_dir is not None:
-        table.write(out_dir)
+    if out is not None:
+        table.write(out)
     return table
+
+
+def _finished_run(record: Optional[Path], settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The row kept in ``record`` by an earlier run with the same settings, else None."""
+    if record is None or not record.is_file():
+        return None
+    try:
+        payload = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if payload.get("settings") != json.loads(json.dumps(settings)):
+        return None
+    return payload["row"]
 
 
 def _relate(group: list[dict[str, Any]]) -> None:

@@ -519,6 +519,8 @@ class BenchConfig:
         threads: torch CPU threads (None: torch's default).
         name, output_dir: outputs go to ``output_dir/name``.
         progress: show a progress bar.
+        resume: reuse the runs an interrupted bench with the same settings kept in ``output_dir/name/runs``
+            (False: rerun everything).
     """
 
     methods: list[str] = field(default_factory=_all_methods)
@@ -538,6 +540,10 @@ class BenchConfig:
     name: str = "bench"
     output_dir: str = "outputs"
     progress: bool = True
+    resume: bool = True
+
+
+_BENCH_IDENTITY = ("benchmark", "data_root", "train_per_class", "width")  # what changes a run besides training
 
 
 def bench(config: BenchConfig) -> dict[str, Any]:
@@ -578,7 +584,8 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     table = run_bench(config.methods, scenarios=config.scenarios, seeds=config.seeds, benchmark=benchmark,
                       model=model, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                       weight_decay=config.weight_decay, method_options=config.method_options,
-                      time_steps=config.time_steps, out_dir=folder, progress=config.progress)
+                      time_steps=config.time_steps, out_dir=folder, progress=config.progress,
+                      resume=config.resume, identity={k: getattr(config, k) for k in _BENCH_IDENTITY})
     plots = plot_bench(table, folder)
     results = {"config": asdict(config), "summary": table.summary(), "runs": table.runs,
                "seconds": time.time() - began}

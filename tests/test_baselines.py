@@ -4,6 +4,8 @@ GPM / Adam-NSCL projection bounds the change of old outputs, and bad names and o
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -80,7 +82,7 @@ def test_every_method_runs_class_incremental(name, class_benchmark):
     assert set(result.summary) == {"acc", "aia", "forgetting", "bwt"}
 
 
-@pytest.mark.parametrize("name", ["last_layer", "bias_only", "sparse_update", "gpm", "adam_nscl"])
+@pytest.mark.parametrize("name", ["last_layer", "bias_only", "sparse_update", "gpm", "adam_nscl", "gpm_replay"])
 def test_plugin_methods_run_task_incremental(name, task_benchmark):
     result = run_continual(task_benchmark, lambda evaluator: _build(name, "task", evaluator), progress=False)
     assert result.completed == 5
@@ -88,9 +90,9 @@ def test_plugin_methods_run_task_incremental(name, task_benchmark):
 
 def test_unknown_method_lists_the_allowed_ones():
     model = ClassIncrementalNet(SmallCNN(10, width=8).features, 16)
-    with pytest.raises(UnknownMethodError, match=r"method 'gmp' is not known: use one of full_finetune, last_layer, "
-                                                 r"bias_only, sparse_update, ewc, lwf, gpm, adam_nscl, center_only, "
-                                                 r"csko, csko_dces"):
+    allowed = ", ".join(METHODS)
+    assert "gpm_replay" in allowed and "csko_dces" in allowed
+    with pytest.raises(UnknownMethodError, match=re.escape(f"method 'gmp' is not known: use one of {allowed}")):
         build_method("gmp", model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1))
 
 
@@ -99,8 +101,8 @@ def test_bad_options_are_refused():
         FullKernelProjectionPlugin(criterion="gpm")
     with pytest.raises(ValueError, match=r"channel_ratio=0 is not allowed"):
         SparseUpdatePlugin(channel_ratio=0)
-    with pytest.raises(ValueError, match=r"prototype_replay='auto' is not allowed: use True or False"):
-        SparseUpdatePlugin(prototype_replay="auto")
+    with pytest.raises(ValueError, match=r"prototype_replay='yes' is not allowed: use True, False or 'auto'"):
+        SparseUpdatePlugin(prototype_replay="yes")
     with pytest.raises(ValueError, match=r"record_batches=0 is not allowed"):
         FullKernelProjectionPlugin(record_batches=0)
     with pytest.raises(ValueError, match=r"energy=1.5 is not allowed"):
@@ -248,3 +250,15 @@ def test_prototype_replay_option(name, class_benchmark):
     assert not torch.equal(on.model.head.classifier.weight, off.model.head.classifier.weight)
     assert torch.equal(on.model.backbone[0][0].weight, off.model.backbone[0][0].weight)
     assert on.baseline.state_dict()["prototypes"]["prototypes"].shape == (6, 16)
+
+
+@pytest.mark.parametrize("name", ["gpm_replay", "adam_nscl_replay"])
+def test_replay_variants_replay_only_with_a_single_head(name, class_benchmark, task_benchmark):
+    single, multi = _build(name, "class"), _build(name, "task")
+    assert single.baseline.replays_prototypes(single.model) and not multi.baseline.replays_prototypes(multi.model)
+    torch.manual_seed(1)
+    single.train(class_benchmark.train_stream[0])
+    multi.train(task_benchmark.train_stream[0])
+    assert single.baseline.memory.classes.tolist() == [0, 1, 2, 3]
+    assert len(multi.baseline.memory) == 0  # task-incremental: the plain baseline (no prototypes, no error)
+    assert single.baseline.criterion == ("energy" if name == "gpm_replay" else "null_space")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from lightning_cskl.avalanche import run_continual
 from lightning_cskl.avalanche.baselines import UnknownMethodError, build_method
 from lightning_cskl.bench import ACCURACY_COLUMNS, COST_COLUMNS, CostProbe, default_model, run_bench
 from lightning_cskl.data import split_digits
@@ -72,6 +73,48 @@ def test_bench_rows_hold_accuracy_and_cost(bench):
     assert gpm["projection_state_bytes"] > ours["projection_state_bytes"] > 0  # (C·k²)² against C² per layer
     assert ours["trainable_parameters"] < gpm["trainable_parameters"] < full["trainable_parameters"]
     assert ours["flops"] < full["flops"] and ours["gradient_bytes"] < gpm["gradient_bytes"]
+    for row in rows.values():  # forward + backward (the optimizer step and projection included) = the step
+        assert 0 < row["forward_flops"] < row["flops"]
+        assert row["backward_flops"] == row["flops"] - row["forward_flops"]
+    # CsKO's backward stops at its lowest trained layer and computes only center-weight gradients
+    assert ours["backward_flops"] < 0.6 * full["backward_flops"]
+
+
+def test_every_method_starts_from_the_one_base_checkpoint(bench):
+    table, out = bench
+    weights = torch.load(out / "base" / "class-seed0.pt", weights_only=True)
+    assert {len(r["accuracy"][0]) for r in table.runs} == {4}  # class-IL: base + 3 experiences
+    assert len({tuple(r["accuracy"][0]) for r in table.runs}) == 1  # identical first row for every method
+    # the checkpoint is what the base session of a full fine-tuning run ends with
+    stream = _small_benchmark("class", 0)
+    torch.manual_seed(0)
+    net = default_model("class")
+    strategy = build_method("full_finetune", model=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+                            evaluator=None, train_epochs=2, train_mb_size=32, eval_mb_size=256)
+    strategy.train(stream.train_stream[0])
+    assert weights.keys() == net.state_dict().keys()
+    for key, value in net.state_dict().items():  # the run's evaluation grew the head to all 10 test classes
+        assert torch.equal(weights[key][: len(value)] if value.dim() else weights[key], value), key
+
+
+def test_an_interrupted_bench_resumes_from_its_kept_runs(bench, tmp_path, monkeypatch):
+    table, out = bench
+    kept = sorted(p.name for p in (out / "runs").iterdir())
+    assert kept == [f"class-seed0-{m}.json" for m in sorted(METHODS)]
+    import lightning_cskl.bench as bench_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept run was trained again")
+
+    monkeypatch.setattr(bench_module, "run_continual", no_training)
+    again = run_bench(METHODS, scenarios=("class",), seeds=(0,), benchmark=_small_benchmark, epochs=2,
+                      method_options=OPTIONS, time_repeats=2, out_dir=out, progress=False)
+    assert [(r["method"], r["acc"], r["flops"]) for r in again.runs] == \
+        [(r["method"], r["acc"], r["flops"]) for r in table.runs]
+    # other settings are not the kept runs' settings: those runs are made afresh
+    with pytest.raises(AssertionError, match="trained again"):
+        run_bench(METHODS, scenarios=("class",), seeds=(0,), benchmark=_small_benchmark, epochs=3,
+                  method_options=OPTIONS, out_dir=out, progress=False)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -103,3 +146,15 @@ def test_bench_refuses_bad_arguments():
         run_bench(["full_finetune"], scenarios=("domain",), progress=False)
     with pytest.raises(ValueError, match=r"nothing to run"):
         run_bench(["full_finetune"], seeds=(), progress=False)
+
+
+def test_base_weights_that_do_not_fit_are_refused():
+    stream = _small_benchmark("class", 0)
+
+    def factory(evaluator):
+        net = default_model("class")
+        return build_method("full_finetune", model=net, optimizer=torch.optim.Adam(net.parameters()),
+                            evaluator=evaluator)
+
+    with pytest.raises(ValueError, match=r"base: the base-session weights do not fit the strategy's model"):
+        run_continual(stream, factory, base={"backbone.0.0.weight": torch.zeros(1)}, progress=False)

@@ -4,7 +4,9 @@ checkpoint/resume and the accuracy matrix)."""
 
 from .models import ClassIncrementalNet, TaskIncrementalNet
 from ..core.prototypes import PrototypeMemory
-from .run import ContinualResult, NoDataError, accuracy_summary, load_checkpoint, run_continual, save_checkpoint
+from .run import (
+    ContinualResult, NoDataError, accuracy_summary, load_checkpoint, run_continual, save_checkpoint, train_base,
+)
 from .strategy import CSKLPlugin, CSKLStrategy, EmptyExperienceError, find_head
 from .wandb_logger import WandbLogger, read_offline_run
 
@@ -23,5 +25,6 @@ __all__ = [
     "load_checkpoint",
     "read_offline_run",
     "run_continual",
+    "train_base",
     "save_checkpoint",
 ]

@@ -18,7 +18,10 @@ name               what trains after the base session (experience 0 always train
 =================  ==========================================================================================
 
 ``csko_dces_filter`` is CsKO + DCES with 2×2 gradient filtering on the center branches (issue 5: less
-activation memory, exact forward).
+activation memory, exact forward). ``gpm_replay`` and ``adam_nscl_replay`` are GPM and Adam-NSCL with
+CsKO's prototype replay (``prototype_replay="auto"``: single-head models only; on task-incremental
+multi-head models they are ``gpm`` and ``adam_nscl``): beside CsKO + DCES, which replays prototypes too, they
+compare the backbone updates alone.
 
 Methods other than ``full_finetune``, ``ewc`` and ``lwf`` keep BatchNorm statistics frozen after the base
 session, so what they do not train stays bit-identical. "The last convolutions" are those CsKO trains with
@@ -93,6 +96,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
             §4, :class:`~lightning_cskl.core.prototypes.PrototypeMemory`): logits divided by ``temperature``
             and a loss on old-class mean features passed through the head. Off by default (the published
             baselines have none); on, it separates what the backbone update does from what the head does.
+            ``"auto"``: on for single-head models, off for multi-task ones (as :class:`CSKLPlugin`).
         prototype_weight, temperature: of the prototype replay.
         record_batches: batches of each experience used at its end for prototypes and representations
             (None: all).
@@ -102,7 +106,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         self,
         head: str = "auto",
         *,
-        prototype_replay: bool = False,
+        prototype_replay: Union[bool, str] = False,
         prototype_weight: float = 10.0,
         temperature: float = 0.1,
         record_batches: Optional[int] = None,
@@ -110,8 +114,8 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         super().__init__()
         if not isinstance(head, str):
             raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
-        if not isinstance(prototype_replay, bool):
-            raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use True or False")
+        if not isinstance(prototype_replay, bool) and prototype_replay != "auto":
+            raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use True, False or 'auto'")
         if record_batches is not None and (
             isinstance(record_batches, bool) or not isinstance(record_batches, int) or record_batches < 1
         ):
@@ -141,7 +145,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
                 prototype replay is asked of a multi-task model (its heads need task labels).
         """
         self.trainable(model)
-        if self.prototype_replay and is_multi_task_module(model):
+        if self.prototype_replay is True and is_multi_task_module(model):
             raise ValueError(f"prototype_replay=True needs a single-head (class-incremental) model, and "
                              f"{type(model).__name__} is a multi-task module: use prototype_replay=False")
 
@@ -159,7 +163,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         """One eval-mode pass over the experience's data for :meth:`recorders` and the prototypes."""
         model = strategy.model
         recorders = self.recorders(model)
-        head = model.get_submodule(find_classifier(model, self.head)) if self.prototype_replay else None
+        head = model.get_submodule(find_classifier(model, self.head)) if self.replays_prototypes(model) else None
         if not recorders and head is None:
             return
         features: list[Tensor] = []
@@ -210,7 +214,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
         self._replay_head = None
         if not self.is_base:
-            if self.prototype_replay and len(self.memory):
+            if self.replays_prototypes(model) and len(self.memory):
                 self._replay_head = model.get_submodule(find_classifier(model, self.head))
                 self.memory.begin_task(self.experiences_seen)
             self.begin_experience(strategy)
@@ -487,6 +491,10 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "lwf": _plugin_method(lambda alpha=1.0, temperature=2.0: LwFPlugin(alpha, temperature)),
     "gpm": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", **o})),
     "adam_nscl": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", **o})),
+    "gpm_replay": _plugin_method(
+        lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", "prototype_replay": "auto", **o})),
+    "adam_nscl_replay": _plugin_method(
+        lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", "prototype_replay": "auto", **o})),
     # all channels: no DCES scoring steps needed (with channel_ratio=1 any selection rule keeps every channel)
     "center_only": _cskl_method(project=False, channel_ratio=1.0, selection="magnitude"),
     "csko": _cskl_method(channel_ratio=1.0, selection="magnitude"),

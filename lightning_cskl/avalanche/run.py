@@ -13,7 +13,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -31,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "run_continual",
     "save_checkpoint",
+    "train_base",
 ]
 
 CHECKPOINT_FORMAT = "lightning_cskl.avalanche.run/1"
@@ -173,19 +174,23 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
     return state
 
 
-def _restore(strategy: SupervisedTemplate, state: dict[str, Any], train_stream: Sequence[Any], eval_stream: Sequence[Any]) -> None:
-    model = strategy.model
+def _load_model(model: torch.nn.Module, weights: Mapping[str, Any], experiences: int, train_stream: Sequence[Any],
+                eval_stream: Sequence[Any]) -> None:
     # Dynamic modules (expanding heads, per-task heads) take their shapes from the experiences they saw:
-    # replay those adaptations, in the order the run made them, before loading the weights.
+    # replay those adaptations, in the order a run makes them, before loading the weights.
     was_training = model.training
-    for j in range(state["next_experience"]):
+    for j in range(experiences):
         model.train()
         avalanche_model_adaptation(model, train_stream[j])
         model.eval()
         for experience in eval_stream:
             avalanche_model_adaptation(model, experience)
     model.train(was_training)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights)
+
+
+def _restore(strategy: SupervisedTemplate, state: dict[str, Any], train_stream: Sequence[Any], eval_stream: Sequence[Any]) -> None:
+    _load_model(strategy.model, state["model"], state["next_experience"], train_stream, eval_stream)
     # per-parameter optimizer state is reset at every experience by design; keep the groups' hyper-parameters
     saved_groups = state["optimizer"]["param_groups"]
     if len(saved_groups) == len(strategy.optimizer.param_groups):
@@ -232,6 +237,7 @@ def run_continual(
     progress: bool = True,
     loggers: Sequence[Any] = (),
     eval_stream: Optional[Sequence[Any]] = None,
+    base: Union[str, os.PathLike, Mapping[str, Any], None] = None,
 ) -> ContinualResult:
     """Train on every experience of ``benchmark.train_stream``; after each, evaluate on the whole test stream.
 
@@ -248,6 +254,11 @@ def run_continual(
         loggers: Avalanche loggers for the evaluator (e.g. :class:`~lightning_cskl.avalanche.WandbLogger`);
             loggers with ``log_summary`` also get the final accuracy matrix and metrics.
         eval_stream: stream to evaluate on (default ``benchmark.test_stream``).
+        base: a base-session model to start from: its ``state_dict`` or a file holding one (``torch.save``),
+            e.g. from :func:`train_base`. Experience 0 is then not trained: the model takes these weights, the
+            strategy's end-of-experience work (covariances, prototypes, Fisher importances...) runs on them,
+            and the run is evaluated and goes on as usual. Every method given the same ``base`` starts its
+            incremental experiences from the same checkpoint (PROTOCOL.md).
 
     Returns:
         A :class:`ContinualResult` (accuracy matrix, ACC, AIA, forgetting, BWT).
@@ -283,11 +294,23 @@ def run_continual(
         _restore(strategy, state, train_stream, eval_stream)
         accuracy = [list(row) for row in state["accuracy"]]
         start = state["next_experience"]
+    elif base is not None:
+        weights = base if isinstance(base, Mapping) else torch.load(base, map_location="cpu", weights_only=True)
+        try:
+            _load_model(strategy.model, weights, 1, train_stream, eval_stream)
+        except RuntimeError as error:
+            raise ValueError(f"base: the base-session weights do not fit the strategy's model ({error})") from error
 
     end = len(train_stream) if stop_after is None else min(len(train_stream), stop_after + 1)
     with tqdm(total=len(train_stream), initial=start, disable=not progress, unit="exp", desc="continual") as bar:
         for index in range(start, end):
-            strategy.train(train_stream[index], eval_streams=[])
+            epochs = strategy.train_epochs
+            if index == 0 and base is not None:
+                strategy.train_epochs = 0  # the base session is loaded, not trained
+            try:
+                strategy.train(train_stream[index], eval_streams=[])
+            finally:
+                strategy.train_epochs = epochs
             metrics = strategy.eval(eval_stream)
             accuracy.append(_accuracy_row(metrics, len(eval_stream)))
             if checkpoint is not None:
@@ -304,3 +327,38 @@ def run_continual(
             if callable(getattr(logger, "log_summary", None)):
                 logger.log_summary(summary)
     return result
+
+
+def train_base(
+    benchmark: Any,
+    strategy_factory: StrategyFactory,
+    path: Union[str, os.PathLike, None] = None,
+) -> dict[str, Any]:
+    """Train the base session (experience 0) once and return the model's ``state_dict``, for
+    :func:`run_continual`'s ``base``: every method then starts from the same checkpoint (PROTOCOL.md).
+
+    Args:
+        benchmark, strategy_factory: as for :func:`run_continual`; build a strategy that trains every parameter
+            (e.g. ``METHODS["full_finetune"]``) on the same network the methods will use.
+        path: if given, the weights are also written there (atomically), loadable with
+            ``torch.load(path, weights_only=True)``.
+
+    Example:
+        >>> # weights = train_base(bench, lambda ev: build_method("full_finetune", model=net(), ...), "base.pt")
+        >>> # result = run_continual(bench, make_csko, base=weights)
+    """
+    built: list[SupervisedTemplate] = []
+
+    def factory(evaluator: EvaluationPlugin) -> SupervisedTemplate:
+        built.append(strategy_factory(evaluator))
+        return built[-1]
+
+    run_continual(benchmark, factory, stop_after=0, progress=False)
+    weights = {k: v.detach().cpu().clone() for k, v in built[-1].model.state_dict().items()}
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(weights, partial)
+        os.replace(partial, path)
+    return weights

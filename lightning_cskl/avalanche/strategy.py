@@ -96,7 +96,14 @@ class PrototypeReplayHooks(SupervisedPlugin):
     """
 
     memory: PrototypeMemory
+    prototype_replay: Union[bool, str] = False
     _replay_head: Optional[nn.Module] = None
+
+    def replays_prototypes(self, model: nn.Module) -> bool:
+        """Whether prototype replay applies to ``model`` (see ``prototype_replay``)."""
+        if self.prototype_replay == "auto":
+            return not is_multi_task_module(model)
+        return bool(self.prototype_replay)
 
     @override
     def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -181,12 +188,6 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         resolve_layers(model, self.config.layers)
         if self.prototype_replay is True or (self.prototype_replay == "auto" and self.head != "auto"):
             find_head(model, self.head)
-
-    def replays_prototypes(self, model: nn.Module) -> bool:
-        """Whether prototype replay applies to ``model`` (see ``prototype_replay``)."""
-        if self.prototype_replay == "auto":
-            return not is_multi_task_module(model)
-        return bool(self.prototype_replay)
 
     # ------------------------------------------------------------------ hooks
     @override

@@ -355,6 +355,8 @@ class StepCost:
         projection_state_bytes: what the method keeps between steps and tasks for its projection
             (covariances, projectors, channel masks); 0 for methods without one.
         step_time_s: median wall time of one step, or None when not timed.
+        forward_flops: FLOPs of the forward pass and loss alone (None when not measured); the rest of
+            ``flops`` is the backward pass and the optimizer step with its projection (:attr:`backward_flops`).
     """
 
     trainable_parameters: int
@@ -364,6 +366,17 @@ class StepCost:
     optimizer_state_bytes: int
     projection_state_bytes: int = 0
     step_time_s: Optional[float] = None
+    forward_flops: Optional[int] = None
+
+    @property
+    def backward_flops(self) -> Optional[int]:
+        """``flops − forward_flops``: backward pass + optimizer step (the projection included); None if unknown.
+
+        Example:
+            >>> StepCost(10, 900, 0, 40, 80, forward_flops=300).backward_flops
+            600
+        """
+        return None if self.forward_flops is None else self.flops - self.forward_flops
 
     @property
     def gradient_and_optimizer_bytes(self) -> int:
@@ -378,6 +391,7 @@ class StepCost:
     def as_dict(self) -> dict[str, Any]:
         """Fields and derived totals as plain values (for tables and loggers)."""
         values = asdict(self)
+        values["backward_flops"] = self.backward_flops
         values["gradient_and_optimizer_bytes"] = self.gradient_and_optimizer_bytes
         values["training_memory_bytes"] = self.training_memory_bytes
         return values
@@ -392,7 +406,8 @@ class StepCost:
         """
         ours, theirs = self.as_dict(), baseline.as_dict()
         result: dict[str, Optional[float]] = {}
-        for name in [f.name for f in fields(self)] + ["gradient_and_optimizer_bytes", "training_memory_bytes"]:
+        derived = ["backward_flops", "gradient_and_optimizer_bytes", "training_memory_bytes"]
+        for name in [f.name for f in fields(self)] + derived:
             a, b = ours[name], theirs[name]
             result[name] = None if a is None or not b else a / b
         return result
@@ -414,7 +429,8 @@ def measure_step(
     The model, optimizer and learner are used as they are (bring the learner to the state to measure,
     e.g. past its DCES scoring steps, before calling). Each measurement runs real steps, so weights move.
     Order: one step (creates optimizer state), saved activations of a forward pass in the model's current
-    mode, gradient bytes after a backward, optimizer state after that step, FLOPs of one step, then timing.
+    mode, gradient bytes after a backward, optimizer state after that step, FLOPs of one step and of its
+    forward pass alone, then timing.
 
     Args:
         model, optimizer, loss_fn, batch, learner: see :func:`make_train_step`; ``learner`` may also
@@ -438,6 +454,7 @@ def measure_step(
     optimizer.step()
     state = optimizer_state_bytes(optimizer)
     flops = training_flops(step)
+    forward = training_flops(lambda: loss_fn(model(inputs), targets))
     seconds = median_step_time(step, warmup, repeats) if time_steps else None
     projection = int(learner.projection_state_bytes()) if hasattr(learner, "projection_state_bytes") else 0
     return StepCost(
@@ -448,4 +465,5 @@ def measure_step(
         optimizer_state_bytes=state,
         projection_state_bytes=projection,
         step_time_s=seconds,
+        forward_flops=forward,
     )
