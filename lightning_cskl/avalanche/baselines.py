@@ -21,7 +21,8 @@ name               what trains after the base session (experience 0 always train
 activation memory, exact forward). ``gpm_replay`` and ``adam_nscl_replay`` are GPM and Adam-NSCL with
 CsKO's prototype replay (``prototype_replay="auto"``: single-head models only; on task-incremental
 multi-head models they are ``gpm`` and ``adam_nscl``): beside CsKO + DCES, which replays prototypes too, they
-compare the backbone updates alone.
+compare the backbone updates alone. ``gpm_all`` and ``adam_nscl_all`` are the published forms: every k×k
+convolution trains, projected (``layers="all"``).
 
 Methods other than ``full_finetune``, ``ewc`` and ``lwf`` keep BatchNorm statistics frozen after the base
 session, so what they do not train stays bit-identical. "The last convolutions" are those CsKO trains with
@@ -491,6 +492,9 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "lwf": _plugin_method(lambda alpha=1.0, temperature=2.0: LwFPlugin(alpha, temperature)),
     "gpm": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", **o})),
     "adam_nscl": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", **o})),
+    "gpm_all": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", "layers": "all", **o})),
+    "adam_nscl_all": _plugin_method(
+        lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", "layers": "all", **o})),
     "gpm_replay": _plugin_method(
         lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", "prototype_replay": "auto", **o})),
     "adam_nscl_replay": _plugin_method(
