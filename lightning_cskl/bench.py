@@ -46,7 +46,8 @@ from .avalanche.run import run_continual, train_base
 from .core.accounting import StepCost, measure_step, storage_bytes
 
 __all__ = [
-    "ACCURACY_COLUMNS", "BenchTable", "COST_COLUMNS", "CostProbe", "default_benchmark", "default_model", "run_bench",
+    "ACCURACY_COLUMNS", "BenchTable", "COST_COLUMNS", "CostProbe", "ON_DEVICE_METHODS", "PROJECTION_METHODS",
+    "claims_markdown", "default_benchmark", "default_model", "run_bench",
 ]
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,66 @@ class BenchTable:
         run_columns = ["method", "scenario", "seed", *ACCURACY_COLUMNS, *COST_COLUMNS]
         _write_csv(paths["runs_csv"], self.runs, run_columns)
         return paths
+
+
+ON_DEVICE_METHODS = ("full_finetune", "last_layer", "bias_only", "sparse_update")
+PROJECTION_METHODS = ("gpm", "adam_nscl", "gpm_all", "adam_nscl_all", "gpm_replay", "adam_nscl_replay")
+
+
+def claims_markdown(table: BenchTable, ours: str = "csko_dces") -> str:
+    """The paper's claims checked against a comparison, one section per scenario (Markdown).
+
+    For method ``ours``: its ACC against the best on-device method (:data:`ON_DEVICE_METHODS`: the claim is
+    +20 points or more); and against every projection method (:data:`PROJECTION_METHODS`) present, its ACC gap
+    (claim: within 2 points) and its ratios of training memory (claim ≤ 0.08), backward FLOPs (≤ 0.10) and
+    training FLOPs per step (≤ 0.40; its forward pass alone is the floor shown beside it); and its forgetting
+    (claim ≤ 5 points). Means over seeds; a method that did not run is left out.
+
+    Example:
+        >>> # print(claims_markdown(run_bench(["last_layer", "gpm", "csko_dces"], seeds=(0,))))
+    """
+    lines = []
+    for scenario in dict.fromkeys(row["scenario"] for row in table.summary()):
+        rows = {r["method"]: r for r in table.summary() if r["scenario"] == scenario}
+        mine = rows.get(ours)
+        if mine is None:
+            continue
+
+        def value(row: dict[str, Any], column: str) -> float:
+            return row[f"{column}_mean"]
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "**missed**"
+
+        lines += [f"### {scenario}-incremental: {ours}", "", "| claim | measured | |", "|---|---|---|"]
+        acc = value(mine, "acc") * 100
+        on_device = [(value(r, "acc") * 100, m) for m, r in rows.items() if m in ON_DEVICE_METHODS]
+        if on_device:
+            best, name = max(on_device)
+            lines.append(f"| ACC ≥ best on-device method + 20 points | {acc:.1f} vs {best:.1f} ({name}): "
+                         f"{acc - best:+.1f} points | {verdict(acc - best >= 20)} |")
+        forgetting = value(mine, "forgetting") * 100
+        if not math.isnan(forgetting):
+            lines.append(f"| forgetting ≤ 5 points | {forgetting:.1f} points | {verdict(forgetting <= 5)} |")
+        floor = mine.get("forward_flops_mean", math.nan) / value(mine, "flops")
+        for method in PROJECTION_METHODS:
+            if method not in rows:
+                continue
+            other = rows[method]
+            gap = acc - value(other, "acc") * 100
+            memory = value(mine, "training_memory_bytes") / value(other, "training_memory_bytes")
+            backward = value(mine, "backward_flops") / value(other, "backward_flops")
+            total = value(mine, "flops") / value(other, "flops")
+            lines += [
+                f"| ACC within 2 points of {method} | {acc:.1f} vs {value(other, 'acc') * 100:.1f}: {gap:+.1f} "
+                f"points | {verdict(gap >= -2)} |",
+                f"| training memory ≤ 8% of {method}'s | {memory:.1%} | {verdict(memory <= 0.08)} |",
+                f"| backward FLOPs ≤ 10% of {method}'s | {backward:.1%} | {verdict(backward <= 0.10)} |",
+                f"| training FLOPs ≤ 40% of {method}'s | {total:.1%} (floor: our forward pass is "
+                f"{floor * total:.1%} of {method}'s step) | {verdict(total <= 0.40)} |",
+            ]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:

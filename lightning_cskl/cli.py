@@ -551,7 +551,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     import torch
 
     from .avalanche.baselines import METHODS
-    from .bench import run_bench
+    from .bench import claims_markdown, run_bench
     from .bench_plots import plot_bench
 
     unknown = [m for m in config.methods if m not in METHODS]
@@ -590,8 +590,12 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     results = {"config": asdict(config), "summary": table.summary(), "runs": table.runs,
                "seconds": time.time() - began}
     (folder / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    claims = claims_markdown(table)
+    (folder / "claims.md").write_text(claims + "\n")
     print(table.markdown())
-    print(f"tables in {folder}/bench.md, bench.csv, bench_runs.csv; plots: {', '.join(p.name for p in plots)}")
+    print(claims)
+    print(f"tables in {folder}/bench.md, bench.csv, bench_runs.csv, claims.md; plots: "
+          f"{', '.join(p.name for p in plots)}")
     return results
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lightning_cskl.avalanche import run_continual
 from lightning_cskl.avalanche.baselines import UnknownMethodError, build_method
-from lightning_cskl.bench import ACCURACY_COLUMNS, COST_COLUMNS, CostProbe, default_model, run_bench
+from lightning_cskl.bench import ACCURACY_COLUMNS, COST_COLUMNS, CostProbe, claims_markdown, default_model, run_bench
 from lightning_cskl.data import split_digits
 from lightning_cskl.data.benchmarks import tensor_benchmark
 
@@ -158,3 +158,19 @@ def test_base_weights_that_do_not_fit_are_refused():
 
     with pytest.raises(ValueError, match=r"base: the base-session weights do not fit the strategy's model"):
         run_continual(stream, factory, base={"backbone.0.0.weight": torch.zeros(1)}, progress=False)
+
+
+def test_claims_are_checked_from_the_measured_means(bench):
+    table, _ = bench
+    rows = {r["method"]: r for r in table.summary()}
+    ours, gpm, full = rows["csko_dces"], rows["gpm"], rows["full_finetune"]
+    text = claims_markdown(table)
+    assert text.startswith("### class-incremental: csko_dces")
+    gap = (ours["acc_mean"] - full["acc_mean"]) * 100  # full fine-tuning is the only on-device method here
+    assert f"{gap:+.1f} points | {'met' if gap >= 20 else '**missed**'} |" in text
+    memory = ours["training_memory_bytes_mean"] / gpm["training_memory_bytes_mean"]
+    assert f"| training memory ≤ 8% of gpm's | {memory:.1%} | {'met' if memory <= 0.08 else '**missed**'} |" in text
+    backward = ours["backward_flops_mean"] / gpm["backward_flops_mean"]
+    assert f"| backward FLOPs ≤ 10% of gpm's | {backward:.1%} |" in text
+    assert "adam_nscl" not in text  # methods that did not run are left out
+    assert claims_markdown(table, ours="csko") == ""

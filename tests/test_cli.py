@@ -129,14 +129,17 @@ def test_bad_class_split_and_unknown_benchmark(capsys):
 
 def test_bench_smoke_writes_tables_and_plots(tmp_path, capsys):
     """`cskl bench` end to end: three methods, one seed, Split Digits, one epoch."""
-    main(["bench", "--methods", "[full_finetune,last_layer,csko_dces]", "--scenarios", "[class]", "--seeds", "[0]",
+    main(["bench", "--methods", "[full_finetune,gpm,csko_dces]", "--scenarios", "[class]", "--seeds", "[0]",
           "--epochs", "1", "--threads", "1", "--output_dir", str(tmp_path), "--progress", "false"])
     folder = tmp_path / "bench"
-    for name in ("bench.md", "bench.csv", "bench_runs.csv", "bench.json", "acc_vs_memory_class.png",
+    for name in ("bench.md", "bench.csv", "bench_runs.csv", "bench.json", "claims.md", "acc_vs_memory_class.png",
                  "acc_vs_flops_class.png", "accuracy_matrices_class.png"):
         assert (folder / name).is_file(), name
     table = (folder / "bench.md").read_text()
-    assert all(f"| {m} | class | 1 |" in table for m in ("full_finetune", "last_layer", "csko_dces"))
+    assert all(f"| {m} | class | 1 |" in table for m in ("full_finetune", "gpm", "csko_dces"))
+    claims = (folder / "claims.md").read_text()
+    assert "| ACC ≥ best on-device method + 20 points |" in claims and "(full_finetune)" in claims
+    assert "| training memory ≤ 8% of gpm's |" in claims and claims in capsys.readouterr().out
     summary = {row["method"]: row for row in json.loads((folder / "bench.json").read_text())["summary"]}
     assert summary["csko_dces"]["gradient_bytes_mean"] < summary["full_finetune"]["gradient_bytes_mean"]
     assert 0.0 <= summary["csko_dces"]["acc_mean"] <= 1.0
