@@ -512,7 +512,7 @@ class BenchConfig:
         benchmark: ``digits`` (embedded, seconds) or ``fashion_mnist`` (from ``data_root``).
         data_root: Fashion-MNIST root (prepared from Debian's dataset-fashion-mnist when missing).
         train_per_class: Fashion-MNIST training images per class (None: all 6000).
-        width: SmallCNN width of the backbone.
+        model: the backbone (as for ``cskl run``; default: SmallCNN of width 16), fed 1-channel images.
         epochs, batch_size, lr, weight_decay: training of every experience (Adam), the same for every method.
         method_options: per method, extra factory options (e.g. ``{ewc: {ewc_lambda: 10}}``).
         time_steps: also time the steps (median, and the ratio to full fine-tuning).
@@ -529,7 +529,7 @@ class BenchConfig:
     benchmark: Literal["digits", "fashion_mnist"] = "digits"
     data_root: str = "data"
     train_per_class: Optional[int] = None
-    width: int = 16
+    model: ModelOptions = field(default_factory=lambda: ModelOptions("small_cnn", 16))
     epochs: int = 4
     batch_size: int = 32
     lr: float = 1e-3
@@ -543,7 +543,7 @@ class BenchConfig:
     resume: bool = True
 
 
-_BENCH_IDENTITY = ("benchmark", "data_root", "train_per_class", "width")  # what changes a run besides training
+_BENCH_IDENTITY = ("benchmark", "data_root", "train_per_class", "model")  # what changes a run besides training
 
 
 def bench(config: BenchConfig) -> dict[str, Any]:
@@ -571,13 +571,10 @@ def bench(config: BenchConfig) -> dict[str, Any]:
 
         return split_fashion_mnist(config.data_root, scenario, train_per_class=config.train_per_class)
 
-    def model(scenario: str) -> nn.Module:
-        from .avalanche import ClassIncrementalNet, TaskIncrementalNet
-        from .models import SmallCNN
+    build_model(config.model, 1, False)  # a bad model option fails now, with its one-line message
 
-        backbone = SmallCNN(10, width=config.width)
-        net = ClassIncrementalNet if scenario == "class" else TaskIncrementalNet
-        return net(backbone.features, backbone.feature_dim, initial_classes=2)
+    def model(scenario: str) -> nn.Module:
+        return build_model(config.model, 1, scenario == "task")
 
     folder = Path(config.output_dir) / config.name
     began = time.time()
@@ -585,7 +582,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
                       model=model, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                       weight_decay=config.weight_decay, method_options=config.method_options,
                       time_steps=config.time_steps, out_dir=folder, progress=config.progress,
-                      resume=config.resume, identity={k: getattr(config, k) for k in _BENCH_IDENTITY})
+                      resume=config.resume, identity={k: v for k, v in asdict(config).items() if k in _BENCH_IDENTITY})
     plots = plot_bench(table, folder)
     results = {"config": asdict(config), "summary": table.summary(), "runs": table.runs,
                "seconds": time.time() - began}

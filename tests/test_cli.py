@@ -157,6 +157,20 @@ def test_bench_unknown_method_is_one_line(capsys):
 def test_bench_fmnist_config_parses():
     parsed = build_parser().parse_args(["bench", "--config", str(CONFIGS / "bench_fmnist.yaml")])["bench"]
     assert parsed.benchmark == "fashion_mnist" and len(parsed.seeds) == 3 and "csko_dces_filter" in parsed.methods
+    assert parsed.model.name == "small_cnn" and parsed.model.width == 16
+    resnet = build_parser().parse_args(["bench", "--config", str(CONFIGS / "bench_fmnist_resnet.yaml")])["bench"]
+    assert resnet.model.name == "resnet18" and resnet.model.width == 20 and resnet.scenarios == ["class"]
+
+
+def test_bench_builds_the_configured_backbone(tmp_path, capsys):
+    main(["bench", "--methods", "[csko_dces]", "--scenarios", "[task]", "--seeds", "[0]", "--epochs", "1",
+          "--model.name", "mobilenet_v2", "--model.width", "0.25", "--threads", "1", "--time_steps", "false",
+          "--output_dir", str(tmp_path), "--progress", "false"])
+    weights = torch.load(tmp_path / "bench" / "base" / "task-seed0.pt", weights_only=True)
+    assert any(key.startswith("backbone.1.block") for key in weights)  # MobileNetV2's inverted residuals
+    assert weights["backbone.0.0.weight"].shape[1] == 1  # fed 1-channel digits
+    err = _error(capsys, ["bench", "--model.width", "-1"])
+    assert "model.width=-1.0 is not allowed: it must be > 0" in err
 
 
 def test_study_subcommand_end_to_end(tmp_path, capsys):
