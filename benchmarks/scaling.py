@@ -205,9 +205,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"head, CsKO their centers (75% of input channels, DCES) + the head. Both protect one old task recorded "
         f"from {args.record_batches} batches of noise (GPM: energy ε = 0.97; CsKO: null space θ = 5). Projection "
         f"state = what each holds during a task (GPM: float64 (C·k²)² covariances + float32 free bases; CsKO: "
-        f"float32 C² covariances + float32 C×r bases + C boolean masks; the baseline keeps its covariances in float64, "
-        f"so per layer its covariance takes 2·k⁴ = 162× CsKO's bytes, k⁴ = 81× the elements). Training memory = saved activations + "
-        f"gradients + optimizer state + projection state (frozen weights excluded)."
+        f"float32 C² covariances + float32 C×r bases + C boolean masks; the baseline keeps its covariances in "
+        f"float64, so per layer its covariance takes 2·k⁴ = 162× CsKO's bytes, k⁴ = 81× the elements). "
+        f"Training memory = saved activations + gradients + optimizer state + projection state (frozen weights "
+        f"excluded)."
     )
     notes_tasks = (
         f"ResNet-18 nf={args.tasks_nf}, {args.tasks + 1} synthetic tasks (per-task mean image + rank-4 structure + "
