@@ -161,7 +161,11 @@ class _FilteredPointwise(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x_sum, weight = ctx.saved_tensors
         groups, patch = ctx.groups, ctx.patch
-        g = _patch_mean(grad_out, patch)
+        # under autocast the saved input, the output gradient and the (fp32) weight differ in dtype, and the
+        # backward runs outside autocast: compute in the widest of them (autograd casts each gradient back)
+        dtype = torch.promote_types(torch.promote_types(grad_out.dtype, x_sum.dtype), weight.dtype)
+        x_sum, weight = x_sum.to(dtype), weight.to(dtype)
+        g = _patch_mean(grad_out.to(dtype), patch)
         n, d = g.shape[:2]
         c = x_sum.shape[1]
         g = g.reshape(n, groups, d // groups, -1)
