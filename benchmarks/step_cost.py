@@ -111,13 +111,14 @@ def measure_net(
     clock: Callable[[], float],
     seed: int,
     layers: str = "auto",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
-    base = factory()
-    x = torch.randn(batch_size, 3, 32, 32)
-    y = torch.randint(0, 10, (batch_size,))
+    base = factory().to(device)
+    x = torch.randn(batch_size, 3, 32, 32).to(device)
+    y = torch.randint(0, 10, (batch_size,)).to(device)
     batch = (x, y)
-    record_batches = [torch.randn(batch_size, 3, 32, 32) for _ in range(4)]
+    record_batches = [torch.randn(batch_size, 3, 32, 32).to(device) for _ in range(4)]
 
     print(f"[{name}] full fine-tuning: measuring ...", flush=True)
     full = copy.deepcopy(base).train()
@@ -323,7 +324,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="step time: wall time (default) or this process's CPU time (robust on a machine "
                              "shared with other jobs; use with --threads 1)")
     parser.add_argument("--markdown", default="outputs/step_cost.md", help="where to write the Markdown tables")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (timings synchronize it)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.device != "cpu" and args.clock == "cpu":
+        parser.error("--clock cpu times this process's CPU work, not the device's: use --clock wall with --device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -337,11 +343,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
     )
+    if args.device != "cpu":
+        machine += f", device {args.device} ({torch.cuda.get_device_name(torch.device(args.device))})"
     print(f"machine: {machine}; batch size {args.batch_size}; Adam (lr 1e-4, weight decay 5e-4)", flush=True)
     results = [
         measure_net(
             name, factory, args.batch_size, args.warmup, args.repeats, args.time_budget, args.score_batches,
-            time.perf_counter if args.clock == "wall" else time.process_time, args.seed, layers,
+            time.perf_counter if args.clock == "wall" else time.process_time, args.seed, layers, args.device,
         )
         for name, (factory, layers) in nets.items()
     ]

@@ -260,6 +260,11 @@ def trainable_parameter_count(params: Union[nn.Module, Iterable[Tensor]]) -> int
     return sum(p.numel() for p in unique.values())
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_step_times(
     step_fns: Mapping[str, Callable[[], Any]],
     warmup: int = 3,
@@ -269,7 +274,8 @@ def median_step_times(
     """Median wall time in seconds of each step function, measured interleaved round-robin.
 
     Interleaving (a, b, c, a, b, c, ...) exposes every function to the same drift of a busy machine, so the
-    ratios of the medians are fairer than timings taken one after another.
+    ratios of the medians are fairer than timings taken one after another. Where CUDA is in use, each timed
+    call is bracketed by ``torch.cuda.synchronize()``, so it counts the GPU work it queued.
 
     Args:
         step_fns: name -> a function that runs one training step.
@@ -295,8 +301,10 @@ def median_step_times(
     samples: dict[str, list[float]] = {name: [] for name in step_fns}
     for _ in range(repeats):
         for name, fn in step_fns.items():
+            _synchronize()
             start = clock()
             fn()
+            _synchronize()  # a GPU step is done when its kernels are, not when Python has queued them
             samples[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
