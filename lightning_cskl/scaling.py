@@ -11,7 +11,7 @@ Three kinds of projection state are counted, each exactly as its owner holds it:
 * CsKO: :meth:`CenterKernelLearner.projection_state_bytes` (per trained layer a ``C/g × C/g`` float32
   covariance summed over tasks, a ``C`` boolean channel mask and, while a task trains, ``C/g × r`` float32
   free bases).
-* GPM as implemented here: the plugin's ``projection_state_bytes()`` (per layer a ``(C/g·k²)²`` float64
+* GPM as implemented here: the plugin's ``projection_state_bytes()`` (per layer a ``(C/g·k²)²`` float32
   covariance summed over tasks and, while a task trains, ``C/g·k² × r`` float32 free bases).
 * GPM as published (Saha et al., ICLR 2021): :class:`PublishedGpmMemory`, the basis ``M`` of the old tasks'
   representation space, grown after every task by the residual's top singular vectors until an energy

@@ -54,8 +54,8 @@ def test_full_kernel_covariance_is_k4_times_csko_covariance(tasks):
     assert elements == {"features.1.0": (8 * 9) ** 2, "features.2.0": (16 * 9) ** 2}
     masks = 8 + 16
     csko_covariance_bytes = csko[0].between_bytes - masks
-    # k⁴ = 81 times the elements; the baseline stores float64, CsKO float32
-    assert gpm[0].between_bytes == 81 * 2 * csko_covariance_bytes
+    # k⁴ = 81 times the elements, both stored in float32
+    assert gpm[0].between_bytes == 81 * csko_covariance_bytes
 
 
 def test_published_gpm_basis_grows_with_new_directions_and_saturates():

@@ -91,8 +91,13 @@ class FullKernelCovariance(CovarianceCollector):
         return patch_covariance(x, self.layers[name])
 
     def covariances(self) -> dict[str, Tensor]:
-        """Mean covariance per layer (float64, on the CPU); layers that saw no input are left out."""
-        return {name: (self.sums[name] / self.counts[name]).cpu() for name in self.sums if self.counts[name]}
+        """Mean covariance per layer (float32 as CsKO's, on the CPU); layers that saw no input are left out.
+
+        Accumulated in float64, stored in float32 like :class:`CovarianceCollector`'s, so that the projection
+        state of the GPM / Adam-NSCL baselines and of CsKO is counted alike (the projectors decompose in float64).
+        """
+        return {name: (self.sums[name] / self.counts[name]).to(torch.float32).cpu()
+                for name in self.sums if self.counts[name]}
 
 
 def full_kernel_projector(
