@@ -320,7 +320,7 @@ def full_kernel_state_over_tasks(
         if t > 0:
             optimizer = _begin_full_kernel_experience(model, plugin)
             states[-1].during_bytes = plugin.projection_state_bytes()
-            states[-1].free_dims = {n: int(b.shape[0] * b.shape[-1]) for n, b in plugin.bases.items()}
+            states[-1].free_dims = plugin.free_dims()
             _train_steps(model, optimizer, batches, None, train_steps)
         task_covariances = _record_full_kernel(model, plugin, [x for x, _ in batches])
         published.update(task_covariances, energy(t))

@@ -26,6 +26,7 @@ from lightning_cskl.core.full_kernel import (
     conv_output_change,
     full_kernel_projector,
     project_kernel_update,
+    protected_basis,
     unfold_patches,
 )
 from lightning_cskl.core.projection import NULL_SPACE_RTOL
@@ -191,6 +192,49 @@ def test_full_kernel_projection_bounds_the_output_change(criterion):
         assert bound <= (1 - 0.97) * lam.sum().item() * projected.pow(2).sum() * 1.01
     # without the projection the same bound fails: the test can see a missing projection
     assert conv_output_change(old, conv, update) > change_bound(cov, basis, update)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_removing_the_used_directions_is_the_same_projection(groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False, groups=groups)
+    collector = FullKernelCovariance({"conv": conv})
+    with collector.hooked():
+        conv(_low_rank_inputs())
+    free, _ = full_kernel_projector(collector.covariances()["conv"], "energy", energy=0.97)
+    used = protected_basis(free)
+    m = 36 // groups
+    assert used.shape[:2] == (groups, m)
+    for g in range(groups):  # an orthonormal complement: together the two span the whole patch space
+        r = int((free[g].norm(dim=0) > 0).sum())
+        both = torch.cat([free[g, :, :r], used[g, :, : m - r]], dim=1).double()
+        torch.testing.assert_close(both.T @ both, torch.eye(m, dtype=torch.float64), atol=1e-5, rtol=0)
+    update = torch.randn_like(conv.weight)
+    torch.testing.assert_close(project_kernel_update(update, used, protected=True), project_kernel_update(update, free),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_gpm_keeps_the_smaller_basis(class_benchmark):
+    stream = class_benchmark.train_stream
+    strategy = _build("gpm", "class")
+    plugin = strategy.baseline
+    strategy.train(stream[0])
+    first = next(iter(plugin.covariances))
+    free, _ = full_kernel_projector(plugin.covariances[first], "energy", energy=plugin.current_energy())
+    seen = {}
+
+    def record(*args):
+        seen.update({n: (b.shape, plugin.protected[n]) for n, b in plugin.bases.items()})
+
+    handle = strategy.optimizer.register_step_post_hook(record)
+    try:
+        strategy.train(stream[1])
+    finally:
+        handle.remove()
+    assert seen and all(shape[2] <= shape[1] / 2 for shape, _ in seen.values())  # never more than half of m
+    shape, protected = seen[first]
+    assert protected == (free.shape[2] > free.shape[1] / 2)
+    assert shape[2] == (free.shape[1] - free.shape[2] if protected else free.shape[2])
 
 
 def _lowest_layer_inputs(strategy, layer: str, experience) -> torch.Tensor:

@@ -55,7 +55,9 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import resolve_layers
-from ..core.full_kernel import FullKernelCovariance, full_kernel_projector, project_kernel_update
+from ..core.full_kernel import (
+    FullKernelCovariance, full_kernel_projector, project_kernel_update, protected_basis,
+)
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
@@ -377,6 +379,7 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
         self._collector: Optional[FullKernelCovariance] = None
         self.covariances: dict[str, Tensor] = {}
         self.bases: dict[str, Tensor] = {}
+        self.protected: dict[str, bool] = {}  # per layer: ``bases`` holds the used directions, not the free ones
 
     @override
     def trainable(self, model: nn.Module) -> list[str]:
@@ -389,12 +392,17 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
     @override
     def begin_experience(self, strategy: SupervisedTemplate) -> None:
         convs = _conv_layers(strategy.model, self.layers)
-        self.bases = {}
+        self.bases, self.protected = {}, {}
+        protected = self.protected
         for name, conv in convs.items():
             if name in self.covariances:
                 basis, _ = full_kernel_projector(
                     self.covariances[name], self.criterion, self.null_space_factor, self.current_energy()
                 )
+                # keep the smaller of the free and the used bases: the same projection at the lower cost
+                protected[name] = basis.shape[2] > basis.shape[1] / 2
+                if protected[name]:
+                    basis = protected_basis(basis)
                 self.bases[name] = basis.to(device=conv.weight.device, dtype=conv.weight.dtype)
         snapshots: dict[str, Tensor] = {}
 
@@ -406,7 +414,7 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
             with torch.no_grad():
                 for name, basis in self.bases.items():
                     weight, old = convs[name].weight, snapshots[name]
-                    weight.copy_(old + project_kernel_update(weight - old, basis))
+                    weight.copy_(old + project_kernel_update(weight - old, basis, protected[name]))
             snapshots.clear()
 
         optimizer = strategy.optimizer
@@ -424,6 +432,15 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
                 self.covariances[name] = self.covariances[name] + cov if name in self.covariances else cov
         self._collector = None
         self.bases = {}
+
+    def free_dims(self) -> dict[str, int]:
+        """Per projected layer, the dimension of the free subspace the current experience moves in (summed over
+        groups; padded group bases count at their widest)."""
+        dims = {}
+        for name, basis in self.bases.items():
+            groups, m, width = basis.shape
+            dims[name] = groups * (m - width if self.protected.get(name) else width)
+        return dims
 
     def projection_state_bytes(self) -> int:
         """Bytes kept for the projection: the (C/g·k²)² covariances and the free bases."""

@@ -31,6 +31,7 @@ __all__ = [
     "full_kernel_projector",
     "patch_covariance",
     "project_kernel_update",
+    "protected_basis",
     "unfold_patches",
     "validate_full_kernel_conv",
 ]
@@ -114,9 +115,37 @@ def full_kernel_projector(
     return layer_projector(cov, selected, criterion, null_space_factor, energy, "selected")
 
 
-def project_kernel_update(update: Tensor, basis: Tensor) -> Tensor:
-    """Project a whole-kernel update ``(D, C/g, kh, kw)`` onto free bases ``(groups, C/g·kh·kw, r)``."""
-    return project_update(update.reshape(update.shape[0], -1), basis).reshape(update.shape)
+def protected_basis(free: Tensor) -> Tensor:
+    """The orthonormal complement ``(groups, m, m − r)`` of free bases ``(groups, m, r)`` (zero-padded columns
+    allowed): the directions old tasks use. ``ΔW − ΔW B Bᵀ`` with it equals ``ΔW U Uᵀ`` with the free bases,
+    and is the cheaper product when ``r > m / 2`` (GPM's published code projects this way).
+
+    Example:
+        >>> free = torch.eye(4)[:, :3].unsqueeze(0)            # 3 free directions of 4
+        >>> protected_basis(free).abs().squeeze().tolist()       # the one direction left
+        [0.0, 0.0, 0.0, 1.0]
+    """
+    groups, m, _ = free.shape
+    identity = torch.eye(m, dtype=torch.float64)
+    complements = []
+    for g in range(groups):
+        u = free[g].to(torch.float64)
+        values, vectors = torch.linalg.eigh(identity - u @ u.T)
+        complements.append(vectors[:, values > 0.5])
+    width = max((c.shape[1] for c in complements), default=0)
+    out = torch.zeros(groups, m, width, dtype=torch.float64)
+    for g, c in enumerate(complements):
+        out[g, :, : c.shape[1]] = c
+    return out.to(free.dtype)
+
+
+def project_kernel_update(update: Tensor, basis: Tensor, protected: bool = False) -> Tensor:
+    """Project a whole-kernel update ``(D, C/g, kh, kw)`` onto free bases ``(groups, C/g·kh·kw, r)``: ``ΔW U Uᵀ``;
+    with ``protected=True`` ``basis`` holds the directions to remove instead (:func:`protected_basis`):
+    ``ΔW − ΔW B Bᵀ``."""
+    flat = update.reshape(update.shape[0], -1)
+    projected = flat - project_update(flat, basis) if protected else project_update(flat, basis)
+    return projected.reshape(update.shape)
 
 
 def conv_output_change(old_inputs: Tensor, conv: nn.Conv2d, update: Tensor) -> float:
