@@ -26,6 +26,8 @@ from lightning_cskl.lightning import CenterKernelCallback
 from lightning_cskl.lightning.module import TaskClassifier
 from lightning_cskl.models import SmallCNN
 
+from .engine_helpers import Net, low_rank_data
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
@@ -120,31 +122,6 @@ def test_decoupled_forward_and_backward_under_fp16_autocast(gradient_filter):
 
 
 # ---------------------------------------------------------------- 2. the engine on CUDA, two tasks
-class Net(nn.Module):
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, width, 3, stride=2, padding=1)
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        x = torch.relu(self.conv3(x))
-        return self.head(x.mean((2, 3)))
-
-
-def low_rank_data(n: int, seed: int, rank: int = 2) -> torch.Tensor:
-    """Images whose channel vectors live in a ``rank``-dimensional subspace: the old task leaves a null space."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(3, rank, generator=g)
-    coeff = torch.randn(n, rank, 6, 6, generator=g)
-    return torch.einsum("cr,nrhw->nchw", basis, coeff)
-
-
 def _train_steps(learner, net, x, y, steps, batch=16, lr=1e-2):
     """Begin a task and run ``steps`` Adam steps with the learner's hooks; the task is left open."""
     learner.bind(net)
