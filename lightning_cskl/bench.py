@@ -254,19 +254,19 @@ def claims_markdown(table: BenchTable, ours: str = "csko_dces") -> str:
     Example:
         >>> # print(claims_markdown(run_bench(["last_layer", "gpm", "csko_dces"], seeds=(0,))))
     """
-    lines = []
-    for scenario in dict.fromkeys(row["scenario"] for row in table.summary()):
-        rows = {r["method"]: r for r in table.summary() if r["scenario"] == scenario}
+    def value(row: dict[str, Any], column: str) -> float:
+        return row[f"{column}_mean"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines: list[str] = []
+    summary = table.summary()
+    for scenario in dict.fromkeys(row["scenario"] for row in summary):
+        rows = {r["method"]: r for r in summary if r["scenario"] == scenario}
         mine = rows.get(ours)
         if mine is None:
             continue
-
-        def value(row: dict[str, Any], column: str) -> float:
-            return row[f"{column}_mean"]
-
-        def verdict(ok: bool) -> str:
-            return "met" if ok else "**missed**"
-
         lines += [f"### {scenario}-incremental: {ours}", "", "| claim | measured | |", "|---|---|---|"]
         acc = value(mine, "acc") * 100
         on_device = [(value(r, "acc") * 100, m) for m, r in rows.items() if m in ON_DEVICE_METHODS]
