@@ -159,10 +159,15 @@ def save_checkpoint(
         "evaluator": results,
         "rng": _rng_state(),
     }
+    _save_atomically(state, path)
+
+
+def _save_atomically(value: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` through a partial file and a rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
+    torch.save(value, partial)
     os.replace(partial, path)
 
 
@@ -356,9 +361,5 @@ def train_base(
     run_continual(benchmark, factory, stop_after=0, progress=False)
     weights = {k: v.detach().cpu().clone() for k, v in built[-1].model.state_dict().items()}
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        torch.save(weights, partial)
-        os.replace(partial, path)
+        _save_atomically(weights, path)
     return weights
