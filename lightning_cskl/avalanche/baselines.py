@@ -393,15 +393,14 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
     def begin_experience(self, strategy: SupervisedTemplate) -> None:
         convs = _conv_layers(strategy.model, self.layers)
         self.bases, self.protected = {}, {}
-        protected = self.protected
         for name, conv in convs.items():
             if name in self.covariances:
                 basis, _ = full_kernel_projector(
                     self.covariances[name], self.criterion, self.null_space_factor, self.current_energy()
                 )
                 # keep the smaller of the free and the used bases: the same projection at the lower cost
-                protected[name] = basis.shape[2] > basis.shape[1] / 2
-                if protected[name]:
+                self.protected[name] = basis.shape[2] > basis.shape[1] / 2
+                if self.protected[name]:
                     basis = protected_basis(basis)
                 self.bases[name] = basis.to(device=conv.weight.device, dtype=conv.weight.dtype)
         snapshots: dict[str, Tensor] = {}
@@ -414,7 +413,7 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
             with torch.no_grad():
                 for name, basis in self.bases.items():
                     weight, old = convs[name].weight, snapshots[name]
-                    weight.copy_(old + project_kernel_update(weight - old, basis, protected[name]))
+                    weight.copy_(old + project_kernel_update(weight - old, basis, self.protected[name]))
             snapshots.clear()
 
         optimizer = strategy.optimizer
