@@ -6,7 +6,24 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_bench"]
+__all__ = ["pareto_front", "plot_bench"]
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, accuracy) points that no other point beats on both (lower cost and higher accuracy),
+    sorted by cost.
+
+    Example:
+        >>> pareto_front([(1, 10), (2, 5), (3, 30), (4, 20), (0.5, 1)])
+        [(0.5, 1), (1, 10), (3, 30)]
+    """
+    front: list[tuple[float, float]] = []
+    for cost, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or accuracy > front[-1][1]:
+            front.append((cost, accuracy))
+    return front
 
 
 def plot_bench(table: Any, out_dir: Path) -> list[Path]:
@@ -33,11 +50,18 @@ def plot_bench(table: Any, out_dir: Path) -> list[Path]:
             points = [r for r in rows if not math.isnan(r[f"{column}_mean"])]
             if not points:
                 continue
-            figure, axes = plt.subplots(figsize=(6.5, 4.5))
-            for row in points:
+            figure, axes = plt.subplots(figsize=(8.5, 4.8))
+            colors = plt.get_cmap("tab20").colors
+            for i, row in enumerate(points):  # a color and marker per method, named in the legend (labels collide)
                 x, y = row[f"{column}_mean"] * scale, row["acc_mean"] * 100
-                axes.errorbar(x, y, yerr=row["acc_std"] * 100, fmt="o", capsize=3)
-                axes.annotate(row["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                axes.errorbar(x, y, yerr=row["acc_std"] * 100, fmt=MARKERS[i % len(MARKERS)], capsize=3,
+                              color=colors[i % len(colors)], label=row["method"], markersize=7)
+            frontier = pareto_front([(r[f"{column}_mean"] * scale, r["acc_mean"] * 100) for r in points])
+            if len(frontier) > 1:
+                xs, ys = zip(*frontier)
+                axes.step(xs, ys, where="post", color="grey", alpha=0.5, linewidth=1, zorder=0,
+                          label="Pareto front")
+            axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
             axes.set_xscale("log")
             axes.set_xlabel(label + " (log scale)")
             axes.set_ylabel("ACC after the last experience (%)")
