@@ -413,7 +413,6 @@ class CenterKernelLearner:
         elif self.phase == TRAINING:
             self._mask_gradients()
 
-    mask_gradients = before_update  # old name, kept while callers move over
 
     def _score_step(self) -> None:
         model = self._require_model()
