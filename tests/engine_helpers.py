@@ -27,3 +27,13 @@ def low_rank_data(n: int, seed: int, rank: int = 2) -> torch.Tensor:
     basis = torch.randn(3, rank, generator=g)
     coeff = torch.randn(n, rank, 6, 6, generator=g)
     return torch.einsum("cr,nrhw->nchw", basis, coeff)
+
+
+def tiny_net() -> nn.Sequential:
+    """Three conv-BN-ReLU blocks and a linear head: what the cost-accounting tests measure."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )

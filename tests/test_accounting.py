@@ -20,6 +20,8 @@ from lightning_cskl.core.accounting import (
     training_flops,
 )
 
+from .engine_helpers import tiny_net
+
 torch.manual_seed(0)
 
 
@@ -195,22 +197,13 @@ def test_step_cost_ratios():
     assert ours.training_memory_bytes == 40 + 84 + 100 + 16
 
 
-def _tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
-    )
-
-
 def test_measure_step_full_versus_csko_steady_state():
     torch.manual_seed(0)
-    base = _tiny_net()
+    base = tiny_net()
     batch = (torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))
     loss = nn.functional.cross_entropy
 
-    full = _tiny_net()
+    full = tiny_net()
     full.load_state_dict(base.state_dict())
     full_opt = torch.optim.Adam(full.parameters())
     full_cost = measure_step(full, full_opt, loss, batch, warmup=0, repeats=1)
@@ -219,7 +212,7 @@ def test_measure_step_full_versus_csko_steady_state():
     assert full_cost.gradient_bytes == 4 * n_full
     assert full_cost.projection_state_bytes == 0
 
-    model = _tiny_net()
+    model = tiny_net()
     model.load_state_dict(base.state_dict())
     learner = CenterKernelLearner(layers="auto", first_task="center", score_batches=1)
     learner.bind(model)

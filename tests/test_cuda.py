@@ -26,7 +26,7 @@ from lightning_cskl.lightning import CenterKernelCallback
 from lightning_cskl.lightning.module import TaskClassifier
 from lightning_cskl.models import SmallCNN
 
-from .engine_helpers import Net, low_rank_data
+from .engine_helpers import Net, low_rank_data, tiny_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -362,15 +362,6 @@ def test_callback_on_gpu_with_mixed_precision(precision, tmp_path):
 
 
 # ---------------------------------------------------------------- 4. cost accounting is device-independent
-def _tiny_net() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
-    )
-
-
 def _costs(base: nn.Module, batch, device: torch.device, learner_state=None):
     net = copy.deepcopy(base).to(device)
     inputs, targets = (t.to(device) for t in batch)
@@ -396,7 +387,7 @@ def _costs(base: nn.Module, batch, device: torch.device, learner_state=None):
 @pytest.mark.parametrize("method", ["full", "csko"])
 def test_measure_step_on_cuda_matches_cpu(method):
     torch.manual_seed(0)
-    base = _tiny_net()
+    base = tiny_net()
     batch = (torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))
     state = None
     if method == "csko":
