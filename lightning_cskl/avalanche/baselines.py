@@ -5,6 +5,10 @@ name               what trains after the base session (experience 0 always train
 =================  ==========================================================================================
 ``full_finetune``  everything (Avalanche ``Naive``)
 ``last_layer``     the classifier head
+``head_replay``    the classifier head, with CsKO's prototype replay (single-head models): the cheapest
+                   trained baseline; a backbone method's *adaptation gain* is its ACC minus this one's
+``slda``           nothing (no backward pass): streaming LDA on the frozen base-session features
+``ncm``            nothing: nearest class mean on the frozen base-session features
 ``bias_only``      every bias (conv, BatchNorm, linear) and the head (TinyTL-style)
 ``sparse_update``  whole k×k kernels of the last convolutions on the input channels of largest weight
                    magnitude, and the head (MCUNetV3-style; no anti-forgetting)
@@ -15,6 +19,7 @@ name               what trains after the base session (experience 0 always train
 ``center_only``    CsKO centers of all channels, no projection (ablation)
 ``csko``           CsKO on all channels with projection (CsKO without DCES)
 ``csko_dces``      CsKO + DCES (the method, engine defaults)
+``csko_dces_lda``  CsKO + DCES, evaluated with the LDA statistics head of its own features
 =================  ==========================================================================================
 
 ``csko_dces_filter`` is CsKO + DCES with 2×2 gradient filtering on the center branches (issue 5: less
@@ -58,6 +63,7 @@ from ..core import resolve_layers
 from ..core.full_kernel import (
     FullKernelCovariance, full_kernel_projector, project_kernel_update, protected_basis,
 )
+from ..core.head import StatisticsHead, StatisticsRule
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
@@ -65,10 +71,12 @@ from .strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier
 
 __all__ = [
     "BiasOnlyPlugin",
+    "FrozenBackbonePlugin",
     "FullKernelProjectionPlugin",
     "IncrementalFreezePlugin",
     "LastLayerPlugin",
     "METHODS",
+    "SINGLE_HEAD_METHODS",
     "SparseUpdatePlugin",
     "UnknownMethodError",
     "build_method",
@@ -103,6 +111,10 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         prototype_weight, temperature: of the prototype replay.
         record_batches: batches of each experience used at its end for prototypes and representations
             (None: all).
+        statistics_head: ``"lda"`` or ``"ncm"``: evaluate with class statistics of the head's input features
+            (:class:`~lightning_cskl.core.head.StatisticsHead`) instead of the trained head; None: the trained
+            head.
+        shrinkage: ε of the ``"lda"`` statistics head.
     """
 
     def __init__(
@@ -113,6 +125,8 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         prototype_weight: float = 10.0,
         temperature: float = 0.1,
         record_batches: Optional[int] = None,
+        statistics_head: Optional[StatisticsRule] = None,
+        shrinkage: float = 1e-4,
     ) -> None:
         super().__init__()
         if not isinstance(head, str):
@@ -126,6 +140,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         self.head = head
         self.prototype_replay = prototype_replay
         self.memory = PrototypeMemory(prototype_weight, temperature)
+        self.statistics = StatisticsHead(statistics_head, shrinkage) if statistics_head is not None else None
         self.record_batches = record_batches
         self.experiences_seen = 0
         self._handles: list[Any] = []
@@ -148,6 +163,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
                 prototype replay is asked of a multi-task model (its heads need task labels).
         """
         self.trainable(model)
+        self._check_statistics(model)
         if self.prototype_replay is True and is_multi_task_module(model):
             raise ValueError(f"prototype_replay=True needs a single-head (class-incremental) model, and "
                              f"{type(model).__name__} is a multi-task module: use prototype_replay=False")
@@ -166,7 +182,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         """One eval-mode pass over the experience's data for :meth:`recorders` and the prototypes."""
         model = strategy.model
         recorders = self.recorders(model)
-        head = model.get_submodule(find_classifier(model, self.head)) if self.replays_prototypes(model) else None
+        head = model.get_submodule(find_classifier(model, self.head)) if self.records_features(model) else None
         if not recorders and head is None:
             return
         features: list[Tensor] = []
@@ -177,7 +193,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         was_training, saved_batch = model.training, strategy.mbatch
         model.eval()
         handle = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
-        self.memory.begin_collect()
+        self._begin_feature_collection()
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 for recorder in recorders:
@@ -189,13 +205,13 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
                     features.clear()
                     strategy.forward()  # feeds the model as training does (task labels for multi-task models)
                     if features:
-                        self.memory.collect(features[-1], strategy.mbatch[1])
+                        self._collect_features(features[-1], strategy.mbatch[1])
         finally:
             if handle is not None:
                 handle.remove()
             strategy.mbatch = saved_batch
             model.train(was_training)
-        self.memory.end_collect()
+        self._end_feature_collection()
 
     def _freeze_batchnorm(self, model: nn.Module) -> None:
         if not self.is_base:
@@ -243,15 +259,45 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
-        return {"experiences_seen": self.experiences_seen, "prototypes": self.memory.state_dict()}
+        state = {"experiences_seen": self.experiences_seen, "prototypes": self.memory.state_dict()}
+        if self.statistics is not None:
+            state["statistics"] = self.statistics.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experiences_seen = int(state["experiences_seen"])
         self.memory.load_state_dict(state["prototypes"])
+        if self.statistics is not None:
+            self.statistics.load_state_dict(state["statistics"])
 
 
 class LastLayerPlugin(IncrementalFreezePlugin):
     """After the base session only the classifier head trains."""
+
+
+class FrozenBackbonePlugin(IncrementalFreezePlugin):
+    """After the base session nothing trains: no backward pass, no optimizer step. Each experience only feeds
+    its data forward once, at its end, into the statistics head (``statistics_head``, required), which then
+    classifies. With ``"lda"`` this is streaming LDA on the frozen base (Hayes & Kanan 2020; the statistics are
+    merged exactly per batch, so they equal Avalanche's per-sample ``StreamingLDA`` updates); with ``"ncm"``,
+    nearest class mean.
+    """
+
+    def __init__(self, head: str = "auto", *, statistics_head: StatisticsRule = "lda", **options: Any) -> None:
+        if statistics_head is None:
+            raise ValueError("statistics_head=None is not allowed for a frozen backbone: use 'lda' or 'ncm'")
+        super().__init__(head, statistics_head=statistics_head, **options)
+
+    @override
+    def trainable(self, model: nn.Module) -> list[str]:
+        find_classifier(model, self.head)  # validates the head
+        return []
+
+    @override
+    def before_training_epoch(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        super().before_training_epoch(strategy, *args, **kwargs)
+        if not self.is_base:
+            strategy.stop_training()  # Avalanche ends the experience's epoch loop before the first epoch
 
 
 class BiasOnlyPlugin(IncrementalFreezePlugin):
@@ -502,6 +548,9 @@ def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "full_finetune": _plugin_method(lambda: None),  # plain Naive
     "last_layer": _plugin_method(LastLayerPlugin),
+    "head_replay": _plugin_method(lambda **o: LastLayerPlugin(**{"prototype_replay": "auto", **o})),
+    "slda": _plugin_method(lambda **o: FrozenBackbonePlugin(**{"statistics_head": "lda", **o})),
+    "ncm": _plugin_method(lambda **o: FrozenBackbonePlugin(**{"statistics_head": "ncm", **o})),
     "bias_only": _plugin_method(BiasOnlyPlugin),
     "sparse_update": _plugin_method(SparseUpdatePlugin),
     "ewc": _plugin_method(lambda ewc_lambda=100.0, mode="separate", **o: EWCPlugin(ewc_lambda, mode, **o)),
@@ -520,7 +569,12 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "csko": _cskl_method(channel_ratio=1.0, selection="magnitude"),
     "csko_dces": _cskl_method(),
     "csko_dces_filter": _cskl_method(gradient_filter=2),
+    "csko_dces_lda": _cskl_method(statistics_head="lda"),
 }
+
+
+#: methods whose classifier is a statistics head: single-head (class- and domain-incremental) models only
+SINGLE_HEAD_METHODS = frozenset({"slda", "ncm", "csko_dces_lda"})
 
 
 def build_method(

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
+from ..core.head import StatisticsHead, StatisticsRule
 from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head"]
@@ -88,22 +89,48 @@ def find_head(model: nn.Module, head: str = "auto") -> nn.Module:
 
 
 class PrototypeReplayHooks(SupervisedPlugin):
-    """The two training hooks of prototype replay (METHOD.md §4), shared by every plugin that offers it.
+    """The classifier-side hooks shared by every plugin that offers them: prototype replay (METHOD.md §4) and a
+    statistics head.
 
     While a subclass has set ``_replay_head`` for the current experience, logits are divided by τ and the
     loss on old-class prototypes passed through that head is added before backward (``self.memory``, a
-    :class:`~lightning_cskl.core.prototypes.PrototypeMemory`, does the math).
+    :class:`~lightning_cskl.core.prototypes.PrototypeMemory`, does the math). With ``self.statistics`` set (a
+    :class:`~lightning_cskl.core.head.StatisticsHead`), the head's input features of every finished experience
+    update class statistics, and during evaluation the head answers with the statistics' scores.
     """
 
     memory: PrototypeMemory
     prototype_replay: Union[bool, str] = False
+    statistics: Optional[StatisticsHead] = None
     _replay_head: Optional[nn.Module] = None
+    _statistics_handle: Any = None
 
     def replays_prototypes(self, model: nn.Module) -> bool:
         """Whether prototype replay applies to ``model`` (see ``prototype_replay``)."""
         if self.prototype_replay == "auto":
             return not is_multi_task_module(model)
         return bool(self.prototype_replay)
+
+    def records_features(self, model: nn.Module) -> bool:
+        """Whether the end-of-experience pass must capture the head's input (prototypes or statistics)."""
+        return self.replays_prototypes(model) or self.statistics is not None
+
+    def _check_statistics(self, model: nn.Module) -> None:
+        if self.statistics is not None and is_multi_task_module(model):
+            raise ValueError(f"statistics_head={self.statistics.rule!r} needs a single-head (class- or "
+                             f"domain-incremental) model, and {type(model).__name__} is a multi-task module: use "
+                             "statistics_head=None")
+
+    def _begin_feature_collection(self) -> None:
+        self.memory.begin_collect()
+
+    def _collect_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.memory.collect(features, labels)
+        if self.statistics is not None:
+            self.statistics.update(features, labels)
+
+    def _end_feature_collection(self) -> None:
+        self.memory.end_collect()
 
     @override
     def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -114,6 +141,21 @@ class PrototypeReplayHooks(SupervisedPlugin):
     def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         if self._replay_head is not None:
             strategy.loss = strategy.loss + self.memory.loss(self._replay_head, len(strategy.mb_y))
+
+    @override
+    def before_eval_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._detach_statistics()
+        if self.statistics is not None and len(self.statistics):
+            self._statistics_handle = self.statistics.attach(find_head(strategy.model, getattr(self, "head", "auto")))
+
+    @override
+    def after_eval_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._detach_statistics()
+
+    def _detach_statistics(self) -> None:
+        if self._statistics_handle is not None:
+            self._statistics_handle.remove()
+            self._statistics_handle = None
 
 
 class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
@@ -137,6 +179,11 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             ``"auto"``: the last ``IncrementalClassifier``, else the last ``nn.Linear``.
         record_batches: evaluation batches of each experience used for its covariance and prototypes
             (None: all).
+        statistics_head: ``"lda"`` or ``"ncm"``: evaluate with a classifier of feature statistics instead of
+            the trained head (:class:`~lightning_cskl.core.head.StatisticsHead`; class means, plus a shared
+            covariance for ``"lda"``, updated from every experience's features at its end); None: the trained
+            head. Single-head models only.
+        shrinkage: ε of the ``"lda"`` statistics head.
         **options: fields of :class:`~lightning_cskl.core.CenterKernelConfig`.
 
     Example:
@@ -155,10 +202,13 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         temperature: float = 0.1,
         head: str = "auto",
         record_batches: Optional[int] = None,
+        statistics_head: Optional[StatisticsRule] = None,
+        shrinkage: float = 1e-4,
         **options: Any,
     ) -> None:
         super().__init__()
         self.learner = CenterKernelLearner(config, **options)
+        self.statistics = StatisticsHead(statistics_head, shrinkage) if statistics_head is not None else None
         if prototype_replay not in ("auto", True, False):
             raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use 'auto', True or False")
         if record_batches is not None and (
@@ -186,7 +236,10 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             ValueError: prototype replay is forced on and no head is found.
         """
         resolve_layers(model, self.config.layers)
-        if self.prototype_replay is True or (self.prototype_replay == "auto" and self.head != "auto"):
+        self._check_statistics(model)
+        if self.prototype_replay is True or self.statistics is not None or (
+            self.prototype_replay == "auto" and self.head != "auto"
+        ):
             find_head(model, self.head)
 
     # ------------------------------------------------------------------ hooks
@@ -234,7 +287,7 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         self._remove_optimizer_hooks()
         self._replay_head = None
         model = strategy.model
-        head = find_head(model, self.head) if self.replays_prototypes(model) else None
+        head = find_head(model, self.head) if self.records_features(model) else None
         dataset = strategy.experience.dataset.eval()
         # BatchNorm is in eval mode here, so the batch size only sets the speed (eval_mb_size defaults to 1)
         batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
@@ -252,16 +305,16 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
                 features.clear()
                 strategy.forward()
                 if head is not None and features:
-                    self.memory.collect(features[-1], strategy.mbatch[1])
+                    self._collect_features(features[-1], strategy.mbatch[1])
 
-        self.memory.begin_collect()
+        self._begin_feature_collection()
         try:
             self.learner.end_task(run_forward)
         finally:
             if hook is not None:
                 hook.remove()
             strategy.mbatch = saved_batch
-        self.memory.end_collect()
+        self._end_feature_collection()
 
     def _remove_optimizer_hooks(self) -> None:
         if self._optimizer_handle is not None:
@@ -271,11 +324,16 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
-        return {"learner": self.learner.state_dict(), "prototypes": self.memory.state_dict()}
+        state = {"learner": self.learner.state_dict(), "prototypes": self.memory.state_dict()}
+        if self.statistics is not None:
+            state["statistics"] = self.statistics.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state["learner"])
         self.memory.load_state_dict(state["prototypes"])
+        if self.statistics is not None:
+            self.statistics.load_state_dict(state["statistics"])
 
 
 def _with_engine_options(init: Callable[..., None]) -> Callable[..., None]:
@@ -307,8 +365,8 @@ class CSKLStrategy(SupervisedTemplate):
         model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator,
             eval_every, peval_mode: as for Avalanche's ``SupervisedTemplate``. ``plugins`` is copied, never
             changed; the CSKL plugin is appended to the copy and available as ``strategy.cskl``.
-        config, prototype_replay, prototype_weight, temperature, head, record_batches: see
-            :class:`CSKLPlugin`.
+        config, prototype_replay, prototype_weight, temperature, head, record_batches, statistics_head,
+            shrinkage: see :class:`CSKLPlugin`.
         projection_criterion: the engine's ``criterion`` option (``"null_space"`` or ``"energy"``), renamed
             because ``criterion`` is the loss here.
         **options: the other fields of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
@@ -350,6 +408,8 @@ class CSKLStrategy(SupervisedTemplate):
         temperature: float = 0.1,
         head: str = "auto",
         record_batches: Optional[int] = None,
+        statistics_head: Optional[StatisticsRule] = None,
+        shrinkage: float = 1e-4,
         projection_criterion: Optional[str] = None,
         **options: Any,
     ) -> None:
@@ -362,6 +422,8 @@ class CSKLStrategy(SupervisedTemplate):
             temperature=temperature,
             head=head,
             record_batches=record_batches,
+            statistics_head=statistics_head,
+            shrinkage=shrinkage,
             **options,
         )
         plugin.check_model(model)

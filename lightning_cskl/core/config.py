@@ -33,13 +33,17 @@ class CenterKernelConfig:
         selection: how channels are chosen: ``"gradient"`` (DCES), ``"magnitude"`` or ``"random"``.
         score_batches: optimizer steps at the start of a task that only accumulate DCES scores (their
             updates are skipped, so no weight moves before the selection is made).
-        criterion: free subspace rule: ``"null_space"`` (λ ≤ θ·λ_min) or ``"energy"`` (protect ε energy).
+        criterion: free subspace rule: ``"null_space"`` (λ ≤ θ·λ_min), ``"energy"`` (protect ε energy),
+            ``"relative"`` (λ ≤ ``relative_threshold``·λ_max) or ``"scaled"`` (SGP: every direction, its update
+            scaled down by its old-task importance; see :mod:`lightning_cskl.core.projection`).
         null_space_factor: θ of the null-space rule (> 0).
         null_space_reference: ``"selected"`` (default, the research code's rule): λ_min of ``Σ[S, S]``;
             ``"layer"``: λ_min of the layer's whole covariance, stricter (a principal submatrix's eigenvalues
             never fall below it), which can leave no free direction at all.
         energy: ε of the energy rule for the first incremental task, in [0, 1].
         energy_step: added to ε per further task (GPM uses 0.003); ε is capped at 1.
+        relative_threshold: of the ``"relative"`` rule, in (0, 1].
+        importance_scale: α ≥ 1 of the ``"scaled"`` rule (1: importance λ/λ_max; larger protects more).
         project: False disables the null-space projection (channel masking only): the ablation
             "center-only without projection".
         mode: ``"decouple"`` rewires each k×k conv into frozen kernel + 1×1 center branch (cheap: only the
@@ -75,6 +79,8 @@ class CenterKernelConfig:
     null_space_reference: Literal["layer", "selected"] = "selected"
     energy: float = 0.97
     energy_step: float = 0.003
+    relative_threshold: float = 1e-2
+    importance_scale: float = 10.0
     project: bool = True
     mode: Literal["decouple", "mask"] = "decouple"
     first_task: Literal["full", "center"] = "full"
@@ -86,12 +92,16 @@ class CenterKernelConfig:
     def __post_init__(self) -> None:
         self.channel_ratio = validate_channel_ratio(self.channel_ratio)
         _check_choice("selection", self.selection, ("gradient", "magnitude", "random"))
-        _check_choice("criterion", self.criterion, ("null_space", "energy"))
+        _check_choice("criterion", self.criterion, ("null_space", "energy", "relative", "scaled"))
         _check_choice("null_space_reference", self.null_space_reference, ("layer", "selected"))
         _check_choice("mode", self.mode, ("decouple", "mask"))
         _check_choice("first_task", self.first_task, ("full", "center"))
         if not isinstance(self.score_batches, int) or self.score_batches < 1:
             raise ValueError(f"score_batches={self.score_batches!r} is not allowed: it must be an int >= 1")
+        if not 0.0 < self.relative_threshold <= 1.0:
+            raise ValueError(f"relative_threshold={self.relative_threshold!r} is not allowed: it must lie in (0, 1]")
+        if not self.importance_scale >= 1.0:
+            raise ValueError(f"importance_scale={self.importance_scale!r} is not allowed: it must be >= 1")
         if not self.null_space_factor > 0:
             raise ValueError(f"null_space_factor={self.null_space_factor!r} is not allowed: it must be > 0")
         for name in ("energy", "energy_step"):

@@ -173,6 +173,8 @@ class CenterKernelLearner:
         self.covariances: dict[str, Tensor] = {}
         self.score_sums: dict[str, Tensor] = {}
         self.selected: dict[str, Tensor] = {}
+        self.start_centers: dict[str, Tensor] = {}
+        self.update_effect: dict[str, dict[str, float]] = {}
         # derived, rebuilt on demand
         self.projectors: dict[str, Tensor] = {}
         self.free_dims: dict[str, int] = {}
@@ -255,6 +257,9 @@ class CenterKernelLearner:
         self._require_model()
         if self.phase == IDLE:
             self.score_sums, self.selected, self.scored_batches = {}, {}, 0
+            self.start_centers = {} if self.is_base_task else {
+                n: self._center_view(n, self.trained_tensor(n)).detach().cpu().clone() for n in self.layers
+            }
             if self.is_base_task:
                 self.phase = BASE
             elif self.config.selection == "gradient":
@@ -327,6 +332,7 @@ class CenterKernelLearner:
         self.record(run_forward)
         self.phase = IDLE
         self.score_sums, self.projectors, self._grad_masks, self._snapshots = {}, {}, {}, {}
+        self.start_centers = {}
         if fold:
             self.unbind()
         else:
@@ -346,11 +352,40 @@ class CenterKernelLearner:
                 run_forward()
         finally:
             model.train(was_training)
-        for name, cov in collector.covariances().items():
-            cov = cov.detach().cpu()
+        new_covariances = {name: cov.detach().cpu() for name, cov in collector.covariances().items()}
+        self.update_effect = self._measure_effect(new_covariances)
+        for name, cov in new_covariances.items():
             self.covariances[name] = self.covariances[name] + cov if name in self.covariances else cov
         self.tasks_seen += 1
 
+    def _measure_effect(self, new_covariances: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+        """Where this task's center update acts: on the inputs of this task or of the old ones.
+
+        For the update ``ΔW`` of a layer's centers since the task began and a covariance ``Σ`` of center inputs,
+        ``tr(ΔW Σ ΔWᵀ)`` is the mean squared change of the center tap's output. Each is given relative to the
+        output of the centers at the task's start, ``sqrt(tr(ΔW Σ ΔWᵀ) / tr(W₀ Σ W₀ᵀ))``: ``"new"`` on this task's
+        inputs, ``"old"`` on the old tasks' (``nan`` before any old task).
+        """
+        effect: dict[str, dict[str, float]] = {}
+        for name, start in self.start_centers.items():
+            layer = self.layers[name]
+            now = self._center_view(name, self.trained_tensor(name)).detach().cpu().to(torch.float64)
+            start = start.to(torch.float64)
+            grouped = lambda w: w.reshape(layer.groups, w.shape[0] // layer.groups, -1)  # noqa: E731
+            delta, before = grouped(now - start), grouped(start)
+
+            def relative(cov: Optional[Tensor]) -> float:
+                if cov is None:
+                    return float("nan")
+                cov = cov.to(torch.float64)
+                moved = torch.einsum("gdc,gce,gde->", delta, cov, delta)
+                base = torch.einsum("gdc,gce,gde->", before, cov, before)
+                return float((moved / base).clamp_min(0).sqrt()) if base > 0 else float("nan")
+
+            effect[name] = {"new": relative(new_covariances.get(name)), "old": relative(self.covariances.get(name))}
+            log.info("layer %s: the task's center update changed the center output by %.3g on its own inputs and "
+                     "%.3g on old tasks' inputs (relative)", name, effect[name]["new"], effect[name]["old"])
+        return effect
     # ------------------------------------------------------------------ selection & projection
     def _select(self, score_sums: dict[str, Tensor]) -> None:
         cfg = self.config
@@ -379,7 +414,7 @@ class CenterKernelLearner:
             if cfg.project and name in self.covariances:
                 basis, free = layer_projector(
                     self.covariances[name], selected, cfg.criterion, cfg.null_space_factor, energy,
-                    cfg.null_space_reference,
+                    cfg.null_space_reference, cfg.relative_threshold, cfg.importance_scale,
                 )
             else:  # no projection: the basis is the selected coordinate vectors (masking only)
                 eye = torch.eye(cg, dtype=torch.float64).expand(layer.groups, cg, cg)
@@ -397,6 +432,9 @@ class CenterKernelLearner:
             stats[f"cskl/{name}/selected_channels"] = float(mask.sum())
             if name in self.free_dims:
                 stats[f"cskl/{name}/free_dim"] = float(self.free_dims[name])
+        for name, effect in self.update_effect.items():
+            for data, value in effect.items():
+                stats[f"cskl/{name}/update_effect_{data}"] = value
         return stats
 
     # ------------------------------------------------------------------ per step
@@ -497,6 +535,7 @@ class CenterKernelLearner:
             "covariances": {n: t.detach().cpu() for n, t in self.covariances.items()},
             "score_sums": {n: t.detach().cpu() for n, t in self.score_sums.items()},
             "selected": {n: t.detach().cpu() for n, t in self.selected.items()},
+            "start_centers": {n: t.detach().cpu() for n, t in self.start_centers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -512,6 +551,7 @@ class CenterKernelLearner:
         self.covariances = dict(state["covariances"])
         self.score_sums = dict(state["score_sums"])
         self.selected = dict(state["selected"])
+        self.start_centers = dict(state.get("start_centers", {}))
         self.projectors = {}
         if self.model is not None and self.layers:
             device = next(iter(self.model.parameters())).device
@@ -521,7 +561,7 @@ class CenterKernelLearner:
     def abort_task(self) -> None:
         """Forget an unfinished task (after an exception); the model stays as it is, hooks are removed."""
         self.phase = IDLE
-        self.score_sums, self.projectors, self._snapshots = {}, {}, {}
+        self.score_sums, self.projectors, self._snapshots, self.start_centers = {}, {}, {}, {}
         self._release_batchnorm()
 
     def projection_state_bytes(self) -> int:

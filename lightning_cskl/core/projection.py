@@ -15,7 +15,14 @@ Two criteria choose the free eigenvectors:
 * ``"energy"`` (GPM): protect the largest eigenvectors that together hold a fraction ``ε`` of the energy;
   the rest are free.
 
-Both are taken over the whole layer, so a depthwise layer (one channel per group) frees the channels whose
+* ``"relative"``: ``λ ≤ relative_threshold · λ_max``: a threshold on the energy old inputs put in a direction
+  compared with the strongest one, rather than with the weakest (which is often a dead channel's zero).
+* ``"scaled"`` (SGP, Saha & Roy 2023): no direction is cut; the update along each eigenvector is scaled by
+  ``1 − importance``, ``importance = α λ / ((α − 1) λ + λ_max)`` with ``α = importance_scale``: the most used
+  direction does not move, unused ones move freely, the rest in between. The basis columns carry
+  ``sqrt(1 − importance)``, so ``ΔW U Uᵀ`` applies the scaling with the same two matrix products.
+
+All are taken over the whole layer, so a depthwise layer (one channel per group) frees the channels whose
 old-task energy is small instead of every channel.
 """
 
@@ -26,9 +33,12 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ProjectionCriterion", "free_basis", "free_mask", "layer_projector", "project_update", "NULL_SPACE_RTOL"]
+__all__ = [
+    "ProjectionCriterion", "direction_scales", "free_basis", "free_mask", "layer_projector", "project_update",
+    "NULL_SPACE_RTOL",
+]
 
-ProjectionCriterion = Literal["null_space", "energy"]
+ProjectionCriterion = Literal["null_space", "energy", "relative", "scaled"]
 
 #: eigenvalues below ``NULL_SPACE_RTOL * λ_max`` count as zero (float32 covariances are not exact)
 NULL_SPACE_RTOL = 1e-6
@@ -40,15 +50,17 @@ def free_mask(
     null_space_factor: float = 5.0,
     energy: float = 0.97,
     reference: Optional[tuple[float, float]] = None,
+    relative_threshold: float = 1e-2,
 ) -> Tensor:
-    """Which eigenvalues (any order, clamped at 0) belong to free directions.
+    """Which eigenvalues (any order, clamped at 0) belong to free directions (``"scaled"``: every one).
 
     Args:
         eigenvalues: eigenvalues of a covariance (one layer's, possibly gathered from several blocks).
-        criterion: ``"null_space"`` or ``"energy"``.
+        criterion: ``"null_space"``, ``"energy"``, ``"relative"`` or ``"scaled"``.
         null_space_factor: θ (free if ``λ ≤ θ λ_min``).
         energy: ε, the fraction of energy protected, in [0, 1].
         reference: ``(λ_min, λ_max)`` the null-space threshold is relative to; default: those given.
+        relative_threshold: free if ``λ ≤ relative_threshold · λ_max`` (``"relative"``).
 
     Example:
         >>> free_mask(torch.tensor([100.0, 0.1, 0.4, 10.0]))
@@ -60,6 +72,10 @@ def free_mask(
     if criterion == "null_space":
         low, high = (values.min().item(), values.max().item()) if reference is None else reference
         return values <= max(null_space_factor * low, NULL_SPACE_RTOL * high)
+    if criterion == "relative":
+        return values <= relative_threshold * values.max()
+    if criterion == "scaled":
+        return torch.ones_like(values, dtype=torch.bool)
     if criterion == "energy":
         order = torch.argsort(values)
         # ascending: the free ones are the smallest whose energy adds up to at most 1 - ε
@@ -67,7 +83,22 @@ def free_mask(
         free = torch.zeros_like(values, dtype=torch.bool)
         free[order] = share <= (1.0 - energy) + 1e-12
         return free
-    raise ValueError(f"criterion={criterion!r} is not allowed: use 'null_space' or 'energy'")
+    raise ValueError(f"criterion={criterion!r} is not allowed: use 'null_space', 'energy', 'relative' or 'scaled'")
+
+
+def direction_scales(eigenvalues: Tensor, importance_scale: float) -> Tensor:
+    """SGP's ``1 − importance`` per eigenvalue: ``importance = α λ / ((α − 1) λ + λ_max)``, α ≥ 1.
+
+    Example:
+        >>> direction_scales(torch.tensor([4.0, 1.0, 0.0]), importance_scale=1.0)
+        tensor([0.0000, 0.7500, 1.0000])
+    """
+    values = eigenvalues.clamp_min(0)
+    top = values.max() if values.numel() else values.new_tensor(0.0)
+    if values.numel() == 0 or top <= 0:
+        return torch.ones_like(values)
+    importance = importance_scale * values / ((importance_scale - 1.0) * values + top)
+    return (1.0 - importance).clamp(0.0, 1.0)
 
 
 def free_basis(
@@ -107,14 +138,19 @@ def layer_projector(
     null_space_factor: float = 5.0,
     energy: float = 0.97,
     null_space_reference: Literal["layer", "selected"] = "selected",
+    relative_threshold: float = 1e-2,
+    importance_scale: float = 10.0,
 ) -> tuple[Tensor, Tensor]:
     """Bases of the free subspace of each group's selected channels.
 
     Args:
         cov: ``(groups, C/g, C/g)`` covariance of old-task center inputs.
         selected: ``(C,)`` boolean channel mask.
-        criterion, null_space_factor, energy: see :func:`free_mask`; thresholds use the whole layer's spectrum.
+        criterion, null_space_factor, energy, relative_threshold: see :func:`free_mask`; thresholds use the
+            whole layer's spectrum.
         null_space_reference: ``"selected"``: ``λ_min`` of ``Σ[S, S]``; ``"layer"``: of the whole ``Σ``.
+        importance_scale: α of the ``"scaled"`` criterion (:func:`direction_scales`); its basis columns carry
+            ``sqrt(1 − importance)`` and ``free_dims`` counts the directions whose scale exceeds 1/2.
 
     Returns:
         ``(basis, free_dims)``: ``basis`` of shape ``(groups, C/g, r)`` with orthonormal columns embedded in
@@ -140,15 +176,22 @@ def layer_projector(
     if criterion == "null_space" and null_space_reference == "layer":
         whole = torch.cat([torch.linalg.eigvalsh(cov[g].to(torch.float64)) for g in range(groups)]).clamp_min(0)
         reference = (whole.min().item(), whole.max().item())
-    free = free_mask(values, criterion, null_space_factor, energy, reference)
+    free = free_mask(values, criterion, null_space_factor, energy, reference, relative_threshold)
+    sizes = [len(d[0]) for d in decompositions]
+    scales = direction_scales(values, importance_scale).split(sizes) if criterion == "scaled" else None
     free_dims = torch.zeros(groups, dtype=torch.long)
-    chunks = free.split([len(d[0]) for d in decompositions])
+    chunks = free.split(sizes)
     for g, mask in enumerate(chunks):
-        free_dims[g] = int(mask.sum())
-    basis = torch.zeros(groups, cg, int(free_dims.max()) if groups else 0, dtype=torch.float64)
+        free_dims[g] = int((scales[g] > 0.5).sum()) if scales is not None else int(mask.sum())
+    width = max((int(mask.sum()) for mask in chunks), default=0)
+    basis = torch.zeros(groups, cg, width, dtype=torch.float64)
     for g, ((index, _, vectors), mask) in enumerate(zip(decompositions, chunks)):
-        if free_dims[g]:
-            basis[g, index, : free_dims[g]] = vectors[:, mask]
+        count = int(mask.sum())
+        if count:
+            columns = vectors[:, mask]
+            if scales is not None:
+                columns = columns * scales[g][mask].sqrt()
+            basis[g, index, :count] = columns
     return basis, free_dims
 
 
