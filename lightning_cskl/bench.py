@@ -41,7 +41,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import is_multi_task_module
 from torch import Tensor, nn
 
-from .avalanche.baselines import METHODS, UnknownMethodError, build_method
+from .avalanche.baselines import METHODS, SINGLE_HEAD_METHODS, UnknownMethodError, build_method, method_base
 from .avalanche.run import run_continual, train_base
 from .core.accounting import StepCost, measure_step, storage_bytes
 
@@ -52,7 +52,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ACCURACY_COLUMNS = ("acc", "aia", "forgetting", "bwt", "base_acc")
+ACCURACY_COLUMNS = ("acc", "aia", "forgetting", "bwt", "base_acc", "adaptation_gain", "epochs")
+#: the cheapest trained baseline: what a backbone update adds is measured against it (PROTOCOL.md)
+GAIN_REFERENCE = "head_replay"
+SCENARIOS = ("class", "task", "domain")
 COST_COLUMNS = (
     "trainable_parameters", "flops", "forward_flops", "backward_flops", "saved_activation_bytes", "gradient_bytes",
     "optimizer_state_bytes", "projection_state_bytes", "training_memory_bytes", "step_time_s", "step_time_ratio",
@@ -128,11 +131,12 @@ class CostProbe(SupervisedPlugin):
         cost: the :class:`~lightning_cskl.core.accounting.StepCost`, None until measured.
     """
 
-    def __init__(self, experience: int, time_steps: bool, repeats: int) -> None:
+    def __init__(self, experience: int, time_steps: bool, repeats: int, first_epoch: bool = False) -> None:
         super().__init__()
         self.experience = experience
         self.time_steps = time_steps
         self.repeats = repeats
+        self.first_epoch = first_epoch
         self.cost: Optional[StepCost] = None
         self._epochs = 0
 
@@ -141,8 +145,15 @@ class CostProbe(SupervisedPlugin):
 
     def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         self._epochs += 1
-        if strategy.experience.current_experience != self.experience or self._epochs != strategy.train_epochs:
+        last = 1 if self.first_epoch else strategy.train_epochs
+        if strategy.experience.current_experience != self.experience or self._epochs != last:
             return
+        self.measure(strategy)
+        if self.first_epoch:
+            strategy.stop_training()
+
+    def measure(self, strategy: Any) -> None:
+        """Measure one step now, in the strategy's current state, and restore everything it touched."""
         import numpy as np
 
         model, optimizer = strategy.model, strategy.optimizer
@@ -201,11 +212,12 @@ class BenchTable:
 
     def markdown(self) -> str:
         """The summary as a Markdown table; accuracies in points, memory in KiB, FLOPs in MFLOP, mean ± std."""
-        header = ["method", "scenario", "seeds", "ACC", "AIA", "forgetting", "BWT", "base ACC", "trainable params",
+        header = ["method", "scenario", "seeds", "ACC", "adaptation gain", "AIA", "forgetting", "BWT", "base ACC",
+                  "epochs", "trainable params",
                   "train memory KiB", "grad KiB", "opt state KiB", "activations KiB", "projection KiB",
                   "MFLOP/step", "backward MFLOP/step", "step time ×full"]
-        columns = [("acc", 100), ("aia", 100), ("forgetting", 100), ("bwt", 100), ("base_acc", 100),
-                   ("trainable_parameters", 1), ("training_memory_bytes", 1 / 1024), ("gradient_bytes", 1 / 1024),
+        columns = [("acc", 100), ("adaptation_gain", 100), ("aia", 100), ("forgetting", 100), ("bwt", 100),
+                   ("base_acc", 100), ("epochs", 1), ("trainable_parameters", 1), ("training_memory_bytes", 1 / 1024), ("gradient_bytes", 1 / 1024),
                    ("optimizer_state_bytes", 1 / 1024), ("saved_activation_bytes", 1 / 1024),
                    ("projection_state_bytes", 1 / 1024), ("flops", 1e-6), ("backward_flops", 1e-6),
                    ("step_time_ratio", 1)]
@@ -216,7 +228,7 @@ class BenchTable:
                 mean, std = row[f"{column}_mean"], row[f"{column}_std"]
                 if math.isnan(mean):
                     cells.append("–")
-                elif column == "trainable_parameters":
+                elif column in ("trainable_parameters", "epochs"):
                     cells.append(f"{mean:,.0f}")
                 else:
                     digits = 2 if column == "step_time_ratio" else 1
@@ -325,6 +337,7 @@ def run_bench(
     progress: bool = True,
     resume: bool = True,
     identity: Optional[dict[str, Any]] = None,
+    equal_compute: bool = False,
 ) -> BenchTable:
     """Run every method on every scenario and seed; measure accuracy and per-step cost side by side.
 
@@ -336,7 +349,9 @@ def run_bench(
         model: ``model(scenario)`` -> a fresh network (default: SmallCNN with Avalanche heads).
         epochs, batch_size, eval_batch_size: training epochs per experience and mini-batch sizes.
         lr, weight_decay: Adam's, the same for every method.
-        method_options: per method name, extra options for its factory (e.g. ``{"ewc": {"ewc_lambda": 10}}``).
+        method_options: per method name, extra options for its factory (e.g. ``{"ewc": {"ewc_lambda": 10}}``);
+            ``train_epochs`` there overrides ``epochs`` for that method. A name ``"<method>@<tag>"`` in
+            ``methods`` runs ``<method>`` with the options given under the whole name (an ablation row).
         time_steps: measure the median step time (and its ratio to ``full_finetune`` when that runs too).
         time_repeats: timed steps per measurement.
         out_dir: if given, the tables are written there (see :meth:`BenchTable.write`), the base-session
@@ -345,39 +360,59 @@ def run_bench(
         resume: reuse the runs kept in ``out_dir/runs/`` whose settings match (False: rerun everything).
         identity: what else identifies a run (data and model options, JSON values): a kept run is reused
             only if it was made with the same ``identity``, training settings and method options.
+        equal_compute: give every method the training FLOPs that full fine-tuning spends in ``epochs`` epochs
+            per experience, instead of the same epochs: a method's epochs are ``epochs × full fine-tuning's
+            FLOPs per step / its own`` (rounded, at least 1), each measured on one step of the first incremental
+            experience (:class:`CostProbe`). The ``epochs`` column says what each got. Methods that do not
+            train after the base session (``slda``, ``ncm``) are unaffected.
+
+    Methods of :data:`~lightning_cskl.avalanche.baselines.SINGLE_HEAD_METHODS` are skipped in the ``"task"``
+    scenario (their statistics head needs one label space). Each row's ``adaptation_gain`` is its ACC minus
+    that of ``head_replay`` in the same scenario and seed (when ``head_replay`` runs too).
 
     Returns:
         The :class:`BenchTable`.
 
     Raises:
         UnknownMethodError: a method name is not in METHODS (the message lists the allowed names).
-        ValueError: no methods, no seeds, or a scenario other than "class"/"task".
+        ValueError: no methods, no seeds, or a scenario other than "class", "task" or "domain".
     """
     from tqdm.auto import tqdm
 
     methods, scenarios, seeds = list(methods), list(scenarios), list(seeds)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.split("@", 1)[0] not in METHODS]
     if unknown:
         raise UnknownMethodError(f"methods {unknown} are not known: use some of {', '.join(METHODS)}")
     if not methods or not seeds or not scenarios:
         raise ValueError(f"nothing to run: methods={methods}, scenarios={scenarios}, seeds={seeds}")
-    bad = [s for s in scenarios if s not in ("class", "task")]
+    bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
-        raise ValueError(f"scenarios {bad} are not allowed: use 'class' and/or 'task'")
+        raise ValueError(f"scenarios {bad} are not allowed: use some of {', '.join(SCENARIOS)}")
     options = method_options or {}
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                **(identity or {})}
+                **({"equal_compute": True} if equal_compute else {}), **(identity or {})}
     out = Path(out_dir) if out_dir is not None else None
     table = BenchTable()
 
-    def build(method: str, scenario: str, seed: int, evaluator: Any, plugins: list[Any]) -> Any:
+    def build(method: str, scenario: str, seed: int, evaluator: Any, plugins: list[Any],
+              train_epochs: int = epochs) -> Any:
         torch.manual_seed(seed)
         random.seed(seed)
         net = model(scenario)
         optimizer = torch.optim.Adam(net.parameters(), lr, weight_decay=weight_decay)
-        return build_method(method, model=net, optimizer=optimizer, evaluator=evaluator, train_epochs=epochs,
-                            train_mb_size=batch_size, eval_mb_size=eval_batch_size, plugins=plugins,
-                            **options.get(method, {}))
+        own = {k: v for k, v in options.get(method, {}).items() if k != "train_epochs"}
+        return build_method(method, model=net, optimizer=optimizer, evaluator=evaluator,
+                            train_epochs=train_epochs, train_mb_size=batch_size, eval_mb_size=eval_batch_size,
+                            plugins=plugins, **own)
+
+    def step_flops(method: str, scenario: str, seed: int, bench: Any, base: dict[str, Tensor]) -> Optional[float]:
+        """Training FLOPs of one step of ``method`` in its first incremental experience (None: it does not train)."""
+        if len(bench.train_stream) < 2:
+            return None
+        probe = CostProbe(1, time_steps=False, repeats=1, first_epoch=True)
+        run_continual(bench, lambda ev: build(method, scenario, seed, ev, [probe]), base=base, stop_after=1,
+                      progress=False)
+        return float(probe.cost.flops) if probe.cost is not None and probe.cost.flops else None
 
     with tqdm(total=len(methods) * len(scenarios) * len(seeds), disable=not progress, unit="run", desc="bench") as bar:
         for scenario in scenarios:
@@ -386,8 +421,14 @@ def run_bench(
                 last = len(bench.train_stream) - 1
                 group: list[dict[str, Any]] = []
                 base: Optional[dict[str, Tensor]] = None
+                reference_flops: Optional[float] = None
                 for method in methods:
                     bar.set_postfix(method=method, scenario=scenario, seed=seed)
+                    if scenario == "task" and method_base(method) in SINGLE_HEAD_METHODS:
+                        logger.info("%s skipped in the task scenario: its statistics head needs one label space",
+                                    method)
+                        bar.update(1)
+                        continue
                     record = out / "runs" / f"{scenario}-seed{seed}-{method}.json" if out is not None else None
                     row = _finished_run(record, {**settings, **options.get(method, {})}) if resume else None
                     if row is None:
@@ -396,13 +437,22 @@ def run_bench(
                             base_file = out / "base" / f"{scenario}-seed{seed}.pt" if out is not None else None
                             base = train_base(bench, lambda ev: build("full_finetune", scenario, seed, ev, []),
                                               base_file)
+                        method_epochs = int(options.get(method, {}).get("train_epochs", epochs))
+                        if equal_compute:
+                            if reference_flops is None:
+                                reference_flops = step_flops("full_finetune", scenario, seed, bench, base)
+                            flops = step_flops(method, scenario, seed, bench, base)
+                            if flops and reference_flops:
+                                method_epochs = max(1, round(method_epochs * reference_flops / flops))
                         probe = CostProbe(last, time_steps, time_repeats)
+                        effects = _EffectRecorder()
                         result = run_continual(
-                            bench, lambda ev, m=method, p=probe: build(m, scenario, seed, ev, [p]), base=base,
-                            progress=False,
+                            bench, lambda ev, m=method, p=probe, e=effects, n=method_epochs: build(
+                                m, scenario, seed, ev, [p, e], n), base=base, progress=False,
                         )
                         row = {"method": method, "scenario": scenario, "seed": seed, **result.summary,
-                               "base_acc": result.accuracy[0][0], "accuracy": result.accuracy}
+                               "base_acc": result.accuracy[0][0], "accuracy": result.accuracy,
+                               "epochs": method_epochs, "update_effect": effects.effects}
                         if probe.cost is not None:
                             row.update({k: v for k, v in probe.cost.as_dict().items() if k in COST_COLUMNS})
                         if record is not None:
@@ -431,13 +481,30 @@ def _finished_run(record: Optional[Path], settings: dict[str, Any]) -> Optional[
     return payload["row"]
 
 
+class _EffectRecorder(SupervisedPlugin):
+    """Keeps, after every experience, the CsKO learner's per-layer update effect on new and old inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.effects: list[dict[str, dict[str, float]]] = []
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        learner = getattr(getattr(strategy, "baseline", None), "learner", None)
+        if learner is not None and learner.update_effect:
+            self.effects.append({n: dict(e) for n, e in learner.update_effect.items()})
+
+
 def _relate(group: list[dict[str, Any]]) -> None:
-    """Step-time ratios to full fine-tuning, and a warning when methods did not share the base model."""
+    """Step-time ratios to full fine-tuning, adaptation gains over ``head_replay``, and a warning when methods did
+    not share the base model."""
     full = next((r for r in group if r["method"] == "full_finetune"), None)
+    reference = next((r for r in group if r["method"] == GAIN_REFERENCE), None)
     for row in group:
         full_time = full.get("step_time_s") if full else None
         row["step_time_ratio"] = row["step_time_s"] / full_time if row.get("step_time_s") and full_time else None
-    base = {round(r["base_acc"], 6) for r in group}
+        row["adaptation_gain"] = row["acc"] - reference["acc"] if reference is not None else None
+    # a statistics head scores the same base model differently: compare trained heads only
+    base = {round(r["base_acc"], 6) for r in group if r["method"] not in SINGLE_HEAD_METHODS}
     if len(base) > 1:
         logger.warning("methods reached different base-session accuracies %s (%s, seed %s): their base models "
                        "differ", sorted(base), group[0]["scenario"], group[0]["seed"])

@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -32,7 +32,7 @@ from .study import StudyConfig, run_study
 __all__ = ["BenchConfig", "DataOptions", "ModelOptions", "RunConfig", "StrategyOptions", "TrainOptions",
            "WandbOptions", "bench", "main", "run"]  # `cskl study`: lightning_cskl.study
 
-_BUILTIN_BENCHMARKS = ("digits", "fashion_mnist", "cifar100")
+_BUILTIN_BENCHMARKS = ("digits", "fashion_mnist", "fashion_digits", "cifar100")
 _DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -47,30 +47,38 @@ class DataOptions:
 
     Args:
         benchmark: ``digits`` (scikit-learn's bundled 8×8 digits, always there), ``fashion_mnist`` (local files,
-            see ``root``), ``cifar100`` (Avalanche's SplitCIFAR100), or ``"module:function"`` returning any
-            Avalanche benchmark (called with no arguments).
-        scenario: ``class`` (one expanding head, no task id at test; experience 0 is the base session) or
-            ``task`` (task labels, one head per task).
+            see ``root``), ``fashion_digits`` (cross-dataset: the 10 Fashion-MNIST classes as the base session,
+            then the digits resized to 28×28 as classes 10-19), ``cifar100`` (Avalanche's SplitCIFAR100), or
+            ``"module:function"`` returning any Avalanche benchmark (called with no arguments).
+        scenario: ``class`` (one expanding head, no task id at test; experience 0 is the base session),
+            ``task`` (task labels, one head per task) or ``domain`` (digits, fashion_mnist: every class in every
+            experience, each experience under a new input condition from ``domains``; one head, no domain id at
+            test; experience 0 is the base session).
         base_classes: classes of experience 0; None: 4 for digits/fashion_mnist class-incremental, else
             ``classes_per_exp``. CIFAR-100 allows 50 (its half-classes base session) or None.
         classes_per_exp: classes of each later experience.
         root: data root (fashion_mnist: prepared from Debian's dataset-fashion-mnist files; cifar100:
             ``ROOT/cifar-100-python``).
         download: let torchvision download missing data (needs a network; fails within a timeout).
-        train_per_class: fashion_mnist only: keep the first N training images of each class (quick runs).
+        train_per_class: fashion_mnist, fashion_digits: keep the first N training images of each class.
+        test_per_class: fashion_mnist, fashion_digits: keep the first N test images of each class (None: all).
         source: fashion_mnist only: folder of the gzipped IDX files (None: Debian's
             /usr/share/datasets/fashion-mnist).
-        seed: seed of the train/test split (digits) and of the class order (cifar100).
+        domains: ``scenario: domain``: the input condition of each experience, in order (``clean``,
+            ``invert``, ``rotate``, ``blur``, ``noise``, ``occlude``).
+        seed: seed of the train/test split (digits), of the class order (cifar100) and of the domain shifts.
     """
 
     benchmark: str = "digits"
-    scenario: Literal["class", "task"] = "class"
+    scenario: Literal["class", "task", "domain"] = "class"
     base_classes: Optional[int] = None
     classes_per_exp: int = 2
     root: str = "data"
     download: bool = False
     train_per_class: Optional[int] = None
+    test_per_class: Optional[int] = None
     source: Optional[str] = None
+    domains: list[str] = field(default_factory=lambda: ["clean", "invert", "rotate", "noise"])
     seed: int = 0
 
 
@@ -124,12 +132,15 @@ class StrategyOptions:
         prototype_weight: weight of the prototype loss.
         temperature: τ dividing the logits while prototypes are replayed.
         record_batches: batches per experience used for its covariance and prototypes (None: all).
+        statistics_head: ``auto`` (LDA for class- and domain-incremental runs, the trained head for
+            task-incremental ones), ``lda``, ``ncm`` or null (always the trained head).
     """
 
     prototype_replay: Union[Literal["auto"], bool] = "auto"
     prototype_weight: float = 10.0
     temperature: float = 0.1
     record_batches: Optional[int] = None
+    statistics_head: Optional[Literal["auto", "lda", "ncm"]] = "auto"
 
 
 @dataclass
@@ -150,7 +161,9 @@ class RunConfig:
     """One continual-learning run: train every experience, evaluate on the whole test stream after each.
 
     Args:
-        method: ``csko`` (CSKLStrategy: CsKO + DCES) or ``naive`` (plain fine-tuning, for comparison).
+        method: ``csko`` (CSKLStrategy: CsKO + DCES with the ``engine`` and ``strategy`` options), ``naive``
+            (plain fine-tuning), or any method of the comparison (``lightning_cskl.avalanche.baselines.METHODS``:
+            ``head_replay``, ``slda``, ``gpm_replay``, ``csko_dces_lda``, ...; their own defaults).
         name: run name (outputs go to ``output_dir/name``); None: ``<benchmark>-<scenario>-<method>``.
         output_dir: parent folder of the run's outputs.
         seed: seed of the model's initialisation and of training.
@@ -165,7 +178,7 @@ class RunConfig:
         wandb: W&B tracking.
     """
 
-    method: Literal["csko", "naive"] = "csko"
+    method: str = "csko"
     name: Optional[str] = None
     output_dir: str = "outputs"
     seed: int = 0
@@ -236,15 +249,35 @@ def build_benchmark(options: DataOptions):
         UsageError: an option is not allowed.
     """
     from .data import DEBIAN_FASHION_MNIST, split_digits_benchmark, split_fashion_mnist
+    from .data.shifts import fashion_digits_benchmark, fashion_mnist_domains, split_digits_domains
 
     base: Any = "auto" if options.base_classes is None else options.base_classes
+    source = options.source or DEBIAN_FASHION_MNIST
     try:
+        if options.scenario == "domain":
+            if options.benchmark == "digits":
+                return split_digits_domains(options.domains, seed=options.seed)
+            if options.benchmark == "fashion_mnist":
+                return fashion_mnist_domains(options.root, options.domains, train_per_class=options.train_per_class,
+                                             test_per_class=options.test_per_class, seed=options.seed,
+                                             download=options.download, source=source)
+            if options.benchmark in _BUILTIN_BENCHMARKS:
+                raise UsageError(f"data.scenario='domain' is not allowed with data.benchmark="
+                                 f"{options.benchmark!r}: use digits or fashion_mnist")
+        if options.benchmark == "fashion_digits":
+            if options.scenario != "class":
+                raise UsageError(f"data.scenario={options.scenario!r} is not allowed with data.benchmark="
+                                 "'fashion_digits': it is class-incremental (scenario: class)")
+            return fashion_digits_benchmark(options.root, options.classes_per_exp,
+                                            train_per_class=options.train_per_class,
+                                            test_per_class=options.test_per_class, seed=options.seed,
+                                            download=options.download, source=source)
         if options.benchmark == "digits":
             return split_digits_benchmark(options.scenario, base, options.classes_per_exp, seed=options.seed)
         if options.benchmark == "fashion_mnist":
             return split_fashion_mnist(options.root, options.scenario, base, options.classes_per_exp,
                                        download=options.download, train_per_class=options.train_per_class,
-                                       source=options.source or DEBIAN_FASHION_MNIST)
+                                       source=source)
         if options.benchmark == "cifar100":
             return _cifar100(options)
     except ValueError as error:  # a class split or option the builder refused; DataNotFoundError is no ValueError
@@ -357,6 +390,10 @@ def _check(config: RunConfig) -> None:
         raise UsageError(f"train.lr={config.train.lr!r} is not allowed: it must be > 0")
     if config.train.threads is not None and config.train.threads < 1:
         raise UsageError(f"train.threads={config.train.threads!r} is not allowed: use null or an int >= 1")
+    from .avalanche.baselines import METHODS
+
+    if config.method not in ("csko", "naive", *METHODS):
+        raise UsageError(f"method={config.method!r} is not allowed: use csko, naive or one of {', '.join(METHODS)}")
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -421,10 +458,14 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
                       eval_mb_size=t.eval_batch_size, device=device, evaluator=evaluator, plugins=plugins)
         if config.method == "naive":
             return Naive(**common)
+        if config.method != "csko":
+            from .avalanche.baselines import build_method
+
+            return build_method(config.method, **common)
         s = config.strategy
         return CSKLStrategy(**common, config=config.engine, prototype_replay=s.prototype_replay,
                             prototype_weight=s.prototype_weight, temperature=s.temperature,
-                            record_batches=s.record_batches)
+                            record_batches=s.record_batches, statistics_head=s.statistics_head)
 
     plain_config = asdict(config)
     folder.mkdir(parents=True, exist_ok=True)
@@ -506,15 +547,19 @@ class BenchConfig:
     """Every method side by side on one benchmark (issue 4): accuracy and per-step cost, mean ± std over seeds.
 
     Args:
-        methods: names from ``lightning_cskl.avalanche.baselines.METHODS`` (default: all of them).
-        scenarios: ``class`` (base session + expanding head) and/or ``task`` (5 × 2, one head per task).
-        seeds: one run per seed and method.
-        benchmark: ``digits`` (embedded, seconds) or ``fashion_mnist`` (from ``data_root``).
-        data_root: Fashion-MNIST root (prepared from Debian's dataset-fashion-mnist when missing).
-        train_per_class: Fashion-MNIST training images per class (None: all 6000).
-        model: the backbone (as for ``cskl run``; default: SmallCNN of width 16), fed 1-channel images.
+        methods: names from ``lightning_cskl.avalanche.baselines.METHODS`` (default: all of them), or
+            ``<method>@<tag>`` variants that run ``<method>`` with their own ``method_options``.
+        scenarios: ``class`` (base session + expanding head), ``task`` (one head per task) and/or ``domain``
+            (the same classes under new input conditions); each replaces ``data.scenario`` in turn.
+        seeds: one run per seed and method (also the seed of ``data``).
+        data: the benchmark, with the options of ``cskl run`` (``--data.benchmark fashion_mnist``,
+            ``--data.train_per_class 500``, ``module:function``, ...).
+        model: the backbone (as for ``cskl run``; default: SmallCNN of width 16).
         epochs, batch_size, lr, weight_decay: training of every experience (Adam), the same for every method.
-        method_options: per method, extra factory options (e.g. ``{ewc: {ewc_lambda: 10}}``).
+        equal_compute: give every method the training FLOPs of full fine-tuning at ``epochs`` epochs instead
+            of the same epochs (see ``lightning_cskl.bench.run_bench``); the ``epochs`` column says what each got.
+        method_options: per method (or variant), extra factory options (e.g. ``{ewc: {ewc_lambda: 10}}``;
+            ``train_epochs`` overrides ``epochs``).
         time_steps: also time the steps (median, and the ratio to full fine-tuning).
         threads: torch CPU threads (None: torch's default).
         name, output_dir: outputs go to ``output_dir/name``.
@@ -524,16 +569,15 @@ class BenchConfig:
     """
 
     methods: list[str] = field(default_factory=_all_methods)
-    scenarios: list[Literal["class", "task"]] = field(default_factory=lambda: ["class", "task"])
+    scenarios: list[Literal["class", "task", "domain"]] = field(default_factory=lambda: ["class", "task"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    benchmark: Literal["digits", "fashion_mnist"] = "digits"
-    data_root: str = "data"
-    train_per_class: Optional[int] = None
+    data: DataOptions = field(default_factory=DataOptions)
     model: ModelOptions = field(default_factory=lambda: ModelOptions("small_cnn", 16))
     epochs: int = 4
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    equal_compute: bool = False
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     time_steps: bool = True
     threads: Optional[int] = None
@@ -543,7 +587,7 @@ class BenchConfig:
     resume: bool = True
 
 
-_BENCH_IDENTITY = ("benchmark", "data_root", "train_per_class", "model")  # what changes a run besides training
+_BENCH_IDENTITY = ("data", "model")  # what changes a run besides training
 
 
 def bench(config: BenchConfig) -> dict[str, Any]:
@@ -554,27 +598,28 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     from .bench import claims_markdown, run_bench
     from .bench_plots import plot_bench
 
-    unknown = [m for m in config.methods if m not in METHODS]
+    unknown = [m for m in config.methods if m.split("@", 1)[0] not in METHODS]
     if unknown:
         raise UsageError(f"methods {unknown} are not known: use some of {', '.join(METHODS)}")
     if not config.methods or not config.seeds or not config.scenarios:
         raise UsageError("methods, scenarios and seeds must each name at least one")
+    for name, value in (("epochs", config.epochs), ("batch_size", config.batch_size)):
+        if value < 1:
+            raise UsageError(f"{name}={value!r} is not allowed: it must be an int >= 1")
+    if not config.lr > 0:
+        raise UsageError(f"lr={config.lr!r} is not allowed: it must be > 0")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
 
     def benchmark(scenario: str, seed: int) -> Any:
-        if config.benchmark == "digits":
-            from .data import split_digits_benchmark
+        return build_benchmark(replace(config.data, scenario=scenario, seed=seed))
 
-            return split_digits_benchmark(scenario, seed=seed)
-        from .data import split_fashion_mnist
-
-        return split_fashion_mnist(config.data_root, scenario, train_per_class=config.train_per_class)
-
-    build_model(config.model, 1, False)  # a bad model option fails now, with its one-line message
+    # bad data or model options fail now, with their one-line message
+    in_channels = _input_channels(benchmark(config.scenarios[0], config.seeds[0]))
+    build_model(config.model, in_channels, False)
 
     def model(scenario: str) -> nn.Module:
-        return build_model(config.model, 1, scenario == "task")
+        return build_model(config.model, in_channels, scenario == "task")
 
     folder = Path(config.output_dir) / config.name
     began = time.time()
@@ -582,7 +627,8 @@ def bench(config: BenchConfig) -> dict[str, Any]:
                       model=model, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                       weight_decay=config.weight_decay, method_options=config.method_options,
                       time_steps=config.time_steps, out_dir=folder, progress=config.progress,
-                      resume=config.resume, identity={k: v for k, v in asdict(config).items() if k in _BENCH_IDENTITY})
+                      resume=config.resume, identity={k: v for k, v in asdict(config).items() if k in _BENCH_IDENTITY},
+                      equal_compute=config.equal_compute)
     plots = plot_bench(table, folder)
     results = {"config": asdict(config), "summary": table.summary(), "runs": table.runs,
                "seconds": time.time() - began}

@@ -306,3 +306,54 @@ def test_replay_variants_replay_only_with_a_single_head(name, class_benchmark, t
     assert single.baseline.memory.classes.tolist() == [0, 1, 2, 3]
     assert len(multi.baseline.memory) == 0  # task-incremental: the plain baseline (no prototypes, no error)
     assert single.baseline.criterion == ("energy" if name == "gpm_replay" else "null_space")
+
+
+# ---------------------------------------------------------------------------------------------- issue 9
+def test_frozen_backbone_methods_change_nothing_and_never_step(class_benchmark):
+    from avalanche.core import SupervisedPlugin
+
+    class CountSteps(SupervisedPlugin):
+        steps = 0
+
+        def after_training_iteration(self, strategy, *args, **kwargs):
+            CountSteps.steps += 1
+
+    strategy = _build("slda", "class", epochs=2, plugins=[CountSteps()])
+    strategy.train(class_benchmark.train_stream[0])
+    base_steps = CountSteps.steps
+    before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    for experience in class_benchmark.train_stream[1:]:
+        strategy.train(experience)
+    after = strategy.model.state_dict()
+    assert base_steps > 0 and CountSteps.steps == base_steps  # the base session trains, nothing after it
+    assert all(torch.equal(before[k], after[k]) for k in before if k in after and before[k].shape == after[k].shape)
+    assert strategy.baseline.statistics.classes.tolist() == list(range(10))
+
+
+def test_statistics_heads_need_one_label_space_and_head_replay_replays():
+    with pytest.raises(ValueError, match=r"statistics_head='lda' needs a single-head .* TaskIncrementalNet is a"):
+        _build("slda", "task")
+    with pytest.raises(ValueError, match=r"statistics_head='ncm' needs a single-head"):
+        _build("csko_dces", "task", statistics_head="ncm")
+    strategy = _build("head_replay", "class")
+    assert strategy.baseline.replays_prototypes(strategy.model)
+    assert _build("last_layer", "class").baseline.replays_prototypes(strategy.model) is False
+
+
+def test_statistics_head_survives_an_interrupted_run(class_benchmark, tmp_path):
+    def factory(evaluator):
+        return _build("csko_dces_lda", "class", evaluator, epochs=2)
+
+    whole = run_continual(class_benchmark, factory, progress=False)
+    run_continual(class_benchmark, factory, checkpoint=tmp_path / "run.pt", stop_after=1, progress=False)
+    resumed = run_continual(class_benchmark, factory, checkpoint=tmp_path / "run.pt", progress=False)
+    assert resumed.accuracy == whole.accuracy
+
+
+def test_variants_run_their_base_method_with_their_own_options():
+    from lightning_cskl.avalanche.baselines import method_base
+
+    strategy = _build("csko_dces_lda@energy", "class", projection_criterion="energy")
+    assert strategy.cskl.config.criterion == "energy" and strategy.cskl.statistics.rule == "lda"
+    with pytest.raises(UnknownMethodError, match=r"method 'slad@x' is not known"):
+        method_base("slad@x")

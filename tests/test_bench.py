@@ -142,8 +142,8 @@ def test_cost_measurement_does_not_change_the_run(method):
 def test_bench_refuses_bad_arguments():
     with pytest.raises(UnknownMethodError, match=r"methods \['gmp'\] are not known: use some of full_finetune, "):
         run_bench(["full_finetune", "gmp"], progress=False)
-    with pytest.raises(ValueError, match=r"scenarios \['domain'\] are not allowed: use 'class' and/or 'task'"):
-        run_bench(["full_finetune"], scenarios=("domain",), progress=False)
+    with pytest.raises(ValueError, match=r"scenarios \['sideways'\] are not allowed: use some of class, task, domain"):
+        run_bench(["full_finetune"], scenarios=("sideways",), progress=False)
     with pytest.raises(ValueError, match=r"nothing to run"):
         run_bench(["full_finetune"], seeds=(), progress=False)
 

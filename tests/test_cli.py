@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_cskl.cli import build_parser, main
+from lightning_cskl.cli import RunConfig, TrainOptions, WandbOptions, build_parser, main, run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 QUICK = ["--train.epochs", "2", "--model.width", "8", "--progress", "false"]
@@ -156,7 +156,8 @@ def test_bench_unknown_method_is_one_line(capsys):
 
 def test_bench_fmnist_config_parses():
     parsed = build_parser().parse_args(["bench", "--config", str(CONFIGS / "bench_fmnist.yaml")])["bench"]
-    assert parsed.benchmark == "fashion_mnist" and len(parsed.seeds) == 3 and "csko_dces_filter" in parsed.methods
+    assert parsed.data.benchmark == "fashion_mnist" and parsed.data.train_per_class == 1000
+    assert len(parsed.seeds) == 3 and "csko_dces_filter" in parsed.methods
     assert parsed.model.name == "small_cnn" and parsed.model.width == 16
     resnet = build_parser().parse_args(["bench", "--config", str(CONFIGS / "bench_fmnist_resnet.yaml")])["bench"]
     assert resnet.model.name == "resnet18" and resnet.model.width == 20 and resnet.scenarios == ["class"]
@@ -188,3 +189,31 @@ def test_study_bad_position_is_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cskl study: error:") and "'centre' is not a kernel position" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("name,benchmark,scenario", [("bench_fmnist_domain", "fashion_mnist", "domain"),
+                                                    ("bench_fmnist_cross", "fashion_digits", "class")])
+def test_scenario_bench_configs_parse(name, benchmark, scenario):
+    parsed = build_parser().parse_args(["bench", "--config", str(CONFIGS / f"{name}.yaml")])["bench"]
+    assert parsed.data.benchmark == benchmark and parsed.scenarios == [scenario]
+    assert {"head_replay", "slda", "csko_dces_lda"} <= set(parsed.methods)
+
+
+def test_run_accepts_every_registry_method_and_refuses_others(tmp_path, capsys):
+    results = {method: run(RunConfig(method=method, output_dir=str(tmp_path), progress=False, checkpoint=False,
+                                     train=TrainOptions(epochs=2), wandb=WandbOptions(mode="disabled")))
+               for method in ("slda", "head_replay")}
+    assert results["slda"]["config"]["method"] == "slda"
+    # the same base session; the frozen features with an LDA head keep every class, the head alone does not
+    assert results["slda"]["acc"] > results["head_replay"]["acc"] + 0.1
+    err = _error(capsys, ["run", "--method", "slad"])
+    assert "method='slad' is not allowed: use csko, naive or one of" in err and "slda" in err
+
+
+def test_domain_and_cross_dataset_data_options_are_refused_where_they_do_not_apply(capsys):
+    assert "data.scenario='domain' is not allowed with data.benchmark='cifar100'" in _error(
+        capsys, ["run", "--data.benchmark", "cifar100", "--data.scenario", "domain"])
+    assert "data.scenario='task' is not allowed with data.benchmark='fashion_digits'" in _error(
+        capsys, ["run", "--data.benchmark", "fashion_digits", "--data.scenario", "task"])
+    assert "lr=-1.0 is not allowed" in _error(capsys, ["bench", "--lr", "-1"])
+    assert "batch_size=0 is not allowed" in _error(capsys, ["bench", "--batch_size", "0"])

@@ -367,3 +367,63 @@ def test_state_dict_is_weights_only_loadable_and_round_trips():
     assert torch.equal(other.selected["conv2"], learner.selected["conv2"])
     with pytest.raises(ValueError, match="checkpoint was made with layers=\\['conv2'\\]"):
         CenterKernelLearner(layers="all").load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- issue 9
+def test_relative_rule_bounds_the_old_output_change_by_its_threshold():
+    torch.manual_seed(0)
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv1"], first_task="center", score_batches=1, channel_ratio=1.0,
+                                  criterion="relative", relative_threshold=0.05)
+    old = low_rank_data(64, seed=1) + 0.1 * torch.randn(64, 3, 6, 6)  # one weak direction: free below 5%
+    record_old_task(learner, net, old)
+    before = learner.trained_tensor("conv1").detach().clone()
+    train(learner, net, torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,)), OPTIMIZERS["adam"], steps=8)
+    delta = (learner.trained_tensor("conv1").detach() - before).double()
+    cov = learner.covariances["conv1"][0].double()
+    top = torch.linalg.eigvalsh(cov)[-1].item()
+    norm = delta.square().sum().item()
+    assert norm > 0
+    assert torch.trace(delta @ cov @ delta.T).item() <= 0.05 * top * norm * (1 + 1e-3)
+
+
+def test_scaled_rule_scales_each_eigendirection_by_one_minus_its_importance():
+    from lightning_cskl.core.projection import direction_scales
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    cov = (a @ a.T)[None]
+    basis, free = layer_projector(cov, torch.ones(5, dtype=torch.bool), "scaled", importance_scale=3.0)
+    values, vectors = torch.linalg.eigh(cov[0])
+    expected = vectors @ torch.diag(direction_scales(values, 3.0)) @ vectors.T
+    update = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(project_update(update, basis), update @ expected, atol=1e-10)
+    # the most used direction never moves; a direction old inputs never excite moves freely
+    assert torch.allclose(project_update(vectors[:, -1:].T, basis), torch.zeros(1, 5, dtype=torch.float64),
+                          atol=1e-10)
+    assert direction_scales(torch.tensor([2.0, 0.0]), 10.0).tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="importance_scale=0.5 is not allowed: it must be >= 1"):
+        CenterKernelConfig(importance_scale=0.5)
+    with pytest.raises(ValueError, match="relative_threshold=0 is not allowed"):
+        CenterKernelConfig(relative_threshold=0)
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_update_effect_says_where_the_update_acts(project):
+    # old inputs span 2 of 3 channels: a projected update cannot reach them, an unprojected one does
+    torch.manual_seed(0)
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv1"], first_task="center", score_batches=1, channel_ratio=1.0,
+                                  project=project)
+    record_old_task(learner, net, low_rank_data(64, seed=1))
+    assert learner.update_effect == {}  # a recorded pretrained model: no update to measure
+    x_new = torch.randn(64, 3, 6, 6)
+    train(learner, net, x_new, torch.randint(0, 4, (64,)), OPTIMIZERS["adam"], steps=10)
+    learner.end_task(lambda: net(x_new))
+    effect = learner.update_effect["conv1"]
+    assert effect["new"] > 0.01
+    if project:
+        assert effect["old"] < 1e-3 * effect["new"]
+    else:
+        assert effect["old"] > 0.1 * effect["new"]
+    assert learner.selection_stats()["cskl/conv1/update_effect_old"] == effect["old"]

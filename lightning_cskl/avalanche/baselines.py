@@ -16,10 +16,11 @@ name               what trains after the base session (experience 0 always train
 ``gpm``            whole k×k kernels of the last convolutions, each step projected away from old tasks'
                    unfolded C·k² input patches by the energy criterion (GPM), and the head
 ``adam_nscl``      the same with the null-space criterion (Adam-NSCL)
-``center_only``    CsKO centers of all channels, no projection (ablation)
-``csko``           CsKO on all channels with projection (CsKO without DCES)
-``csko_dces``      CsKO + DCES (the method, engine defaults)
-``csko_dces_lda``  CsKO + DCES, evaluated with the LDA statistics head of its own features
+``center_only``    CsKO centers of all channels, no projection (ablation; trained head)
+``csko``           CsKO on all channels with projection (CsKO without DCES; trained head)
+``csko_dces``      CsKO + DCES (the method as published: engine defaults, trained head)
+``csko_dces_lda``  CsKO + DCES evaluated with the LDA statistics head of its own features (CSKLStrategy's
+                   default for single-head models)
 =================  ==========================================================================================
 
 ``csko_dces_filter`` is CsKO + DCES with 2×2 gradient filtering on the center branches (issue 5: less
@@ -56,7 +57,6 @@ from avalanche.training.plugins import EWCPlugin, LwFPlugin
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import resolve_layers
@@ -67,7 +67,7 @@ from ..core.head import StatisticsHead, StatisticsRule
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
-from .strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier
+from .strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, record_loader
 
 __all__ = [
     "BiasOnlyPlugin",
@@ -80,6 +80,7 @@ __all__ = [
     "SparseUpdatePlugin",
     "UnknownMethodError",
     "build_method",
+    "method_base",
     "find_classifier",
 ]
 
@@ -186,10 +187,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         if not recorders and head is None:
             return
         features: list[Tensor] = []
-        dataset = strategy.experience.dataset.eval()
-        batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                            collate_fn=getattr(dataset, "collate_fn", None))
+        loader = record_loader(strategy, self.record_batches)
         was_training, saved_batch = model.training, strategy.mbatch
         model.eval()
         handle = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
@@ -278,9 +276,10 @@ class LastLayerPlugin(IncrementalFreezePlugin):
 class FrozenBackbonePlugin(IncrementalFreezePlugin):
     """After the base session nothing trains: no backward pass, no optimizer step. Each experience only feeds
     its data forward once, at its end, into the statistics head (``statistics_head``, required), which then
-    classifies. With ``"lda"`` this is streaming LDA on the frozen base (Hayes & Kanan 2020; the statistics are
-    merged exactly per batch, so they equal Avalanche's per-sample ``StreamingLDA`` updates); with ``"ncm"``,
-    nearest class mean.
+    classifies. With ``"lda"`` this is streaming LDA on the frozen base (Hayes & Kanan 2020), our own
+    :class:`~lightning_cskl.core.head.StatisticsHead` rather than Avalanche's ``StreamingLDA`` strategy, which
+    cannot start from a loaded base session and updates per sample; ours merges batches exactly and predicts
+    as Avalanche's does (``tests/test_head.py``). With ``"ncm"``, nearest class mean.
     """
 
     def __init__(self, head: str = "auto", *, statistics_head: StatisticsRule = "lda", **options: Any) -> None:
@@ -565,12 +564,31 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "adam_nscl_replay": _plugin_method(
         lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", "prototype_replay": "auto", **o})),
     # all channels: no DCES scoring steps needed (with channel_ratio=1 any selection rule keeps every channel)
-    "center_only": _cskl_method(project=False, channel_ratio=1.0, selection="magnitude"),
-    "csko": _cskl_method(channel_ratio=1.0, selection="magnitude"),
-    "csko_dces": _cskl_method(),
-    "csko_dces_filter": _cskl_method(gradient_filter=2),
+    "center_only": _cskl_method(project=False, channel_ratio=1.0, selection="magnitude", statistics_head=None),
+    "csko": _cskl_method(channel_ratio=1.0, selection="magnitude", statistics_head=None),
+    "csko_dces": _cskl_method(statistics_head=None),
+    "csko_dces_filter": _cskl_method(gradient_filter=2, statistics_head=None),
     "csko_dces_lda": _cskl_method(statistics_head="lda"),
 }
+
+
+def method_base(name: str) -> str:
+    """The registry method that ``name`` runs: itself, or for a variant ``"<method>@<tag>"`` the part before
+    ``@`` (a variant runs that method with options of its own, e.g. in :func:`~lightning_cskl.bench.run_bench`'s
+    ``method_options``, so that one comparison can hold several settings of one method).
+
+    Raises:
+        UnknownMethodError: the method is not in :data:`METHODS`; the message lists the allowed names.
+
+    Example:
+        >>> method_base("csko_dces_lda@energy"), method_base("slda")
+        ('csko_dces_lda', 'slda')
+    """
+    base = name.split("@", 1)[0] if isinstance(name, str) else name
+    if base not in METHODS:
+        raise UnknownMethodError(f"method {name!r} is not known: use one of {', '.join(METHODS)} "
+                                 "(or '<method>@<tag>' for a variant)")
+    return base
 
 
 #: methods whose classifier is a statistics head: single-head (class- and domain-incremental) models only
@@ -606,7 +624,8 @@ def build_method(
         The strategy; ``strategy.baseline`` is the method's plugin (None for ``full_finetune``).
 
     Raises:
-        UnknownMethodError: ``name`` is not a known method; the message lists the allowed names.
+        UnknownMethodError: ``name`` is not a known method (or ``"<method>@<tag>"`` variant of one); the message
+            lists the allowed names.
 
     Example:
         >>> from lightning_cskl.avalanche import ClassIncrementalNet
@@ -616,9 +635,7 @@ def build_method(
         >>> type(build_method("gpm", model=model, optimizer=opt, evaluator=None).baseline).__name__
         'FullKernelProjectionPlugin'
     """
-    if name not in METHODS:
-        raise UnknownMethodError(f"method {name!r} is not known: use one of {', '.join(METHODS)}")
-    return METHODS[name](
+    return METHODS[method_base(name)](
         model=model, optimizer=optimizer, evaluator=evaluator, train_epochs=train_epochs,
         train_mb_size=train_mb_size, eval_mb_size=eval_mb_size, device=device, plugins=plugins,
         criterion=criterion, **options,

@@ -1,19 +1,35 @@
 """Offline continual-learning data: Split Digits (bundled with scikit-learn) and Split Fashion-MNIST (local
-files), as task lists and as Avalanche benchmarks."""
+files), as task lists and as Avalanche benchmarks; domain-incremental and cross-dataset benchmarks (shifts)."""
 
 from .benchmarks import Scenario, split_digits_benchmark, split_fashion_mnist, tensor_benchmark
 from .digits import TaskData, split_digits
 from .fashion_mnist import DEBIAN_FASHION_MNIST, DataNotFoundError, load_fashion_mnist, prepare_fashion_mnist
+from .shifts import (
+    DEFAULT_DOMAINS,
+    DOMAINS,
+    domain_benchmark,
+    fashion_digits_benchmark,
+    fashion_mnist_domains,
+    shift_images,
+    split_digits_domains,
+)
 
 __all__ = [
     "DEBIAN_FASHION_MNIST",
+    "DEFAULT_DOMAINS",
+    "DOMAINS",
     "DataNotFoundError",
     "Scenario",
     "TaskData",
+    "domain_benchmark",
+    "fashion_digits_benchmark",
+    "fashion_mnist_domains",
     "load_fashion_mnist",
     "prepare_fashion_mnist",
+    "shift_images",
     "split_digits",
     "split_digits_benchmark",
+    "split_digits_domains",
     "split_fashion_mnist",
     "tensor_benchmark",
 ]

@@ -75,7 +75,7 @@ def prepare_fashion_mnist(root: Union[str, os.PathLike], source: Union[str, os.P
         target = raw / name
         if target.is_file():
             continue
-        partial = target.with_suffix(".partial")
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # concurrent preparers never collide
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst)

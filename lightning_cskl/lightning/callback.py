@@ -14,8 +14,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
+from ..core.head import StatisticsHead, StatisticsRule
 
-__all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input"]
+__all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
 
 _REFUSED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
 
@@ -47,8 +48,31 @@ def check_strategy(strategy: object) -> None:
         )
 
 
+def default_batch_target(batch: Any) -> Tensor:
+    """The labels of a batch: its second element if a tuple or list, or its ``"y"``/``"label"``/``"target"``
+    entry if a mapping."""
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 1:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in ("y", "label", "target"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(
+        f"cannot find the labels in a batch of type {type(batch).__name__}: pass "
+        "CenterKernelCallback(target_fn=lambda batch: ...) to say where they are"
+    )
+
+
 def _default_forward(module: torch.nn.Module, batch: Any) -> Any:
     return module(default_batch_input(batch))
+
+
+def _last_linear(module: torch.nn.Module) -> str:
+    names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(module).__name__} has no nn.Linear to serve as the classifier head: pass "
+                         "CenterKernelCallback(head='<qualified name>')")
+    return names[-1]
 
 
 class CenterKernelCallback(Callback):
@@ -73,6 +97,14 @@ class CenterKernelCallback(Callback):
         forward_fn: ``(module, batch) -> output`` used for the covariance pass at the end of a task;
             the default calls the module on the batch's first element.
         log_stats: log per layer the selected channels and free-subspace dimension through the loggers.
+        statistics_head: ``"lda"`` or ``"ncm"``: at the end of every task the head's input features of the
+            task's training data update class statistics (:class:`~lightning_cskl.core.head.StatisticsHead`),
+            and in eval mode (validation, test, predict) the head answers with their scores instead of its
+            trained output; None (default): the trained head.
+        head: qualified name of the classifier head in the LightningModule (``"auto"``: its last
+            ``nn.Linear``); used by the statistics head.
+        target_fn: ``batch -> labels`` for the statistics head (default: :func:`default_batch_target`).
+        shrinkage: ε of the ``"lda"`` statistics head.
 
     Example:
         >>> cb = CenterKernelCallback(channel_ratio=0.75)
@@ -86,12 +118,33 @@ class CenterKernelCallback(Callback):
         *,
         forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
         log_stats: bool = True,
+        statistics_head: Optional[StatisticsRule] = None,
+        head: str = "auto",
+        target_fn: Optional[Callable[[Any], Tensor]] = None,
+        shrinkage: float = 1e-4,
         **options: Any,
     ) -> None:
         self.learner = CenterKernelLearner(config, **options)
         self.forward_fn = forward_fn or _default_forward
         self.log_stats = log_stats
+        self.statistics = StatisticsHead(statistics_head, shrinkage) if statistics_head is not None else None
+        if not isinstance(head, str):
+            raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
+        self.head = head
+        self.target_fn = target_fn or default_batch_target
         self._optimizer_handles: list[Any] = []
+        self._statistics_handle: Any = None
+
+    def head_module(self, pl_module: torch.nn.Module) -> torch.nn.Module:
+        """The classifier head whose input the statistics head reads.
+
+        Raises:
+            ValueError: ``head`` is not a module of ``pl_module`` (or, for ``"auto"``, it has no ``nn.Linear``).
+        """
+        name = _last_linear(pl_module) if self.head == "auto" else self.head
+        if name not in dict(pl_module.named_modules()):
+            raise ValueError(f"head={self.head!r} is not a module of {type(pl_module).__name__}")
+        return pl_module.get_submodule(name)
 
     @property
     def config(self) -> CenterKernelConfig:
@@ -99,6 +152,9 @@ class CenterKernelCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._detach_statistics()
+        if self.statistics is not None:
+            self._statistics_handle = self.statistics.attach(self.head_module(pl_module))
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
@@ -145,13 +201,25 @@ class CenterKernelCallback(Callback):
         self._remove_optimizer_hooks()
         loader = trainer.train_dataloader
         device = pl_module.device
+        features: list[Tensor] = []
+        capture = None
+        if self.statistics is not None:
+            capture = self.head_module(pl_module).register_forward_pre_hook(
+                lambda module, args: features.append(args[0]))
 
         def run_forward() -> None:
             for batch in loader:
                 batch = trainer.strategy.batch_to_device(batch, device)
+                features.clear()
                 self.forward_fn(pl_module, batch)
+                if self.statistics is not None and features:
+                    self.statistics.update(features[-1], self.target_fn(batch))
 
-        self.learner.end_task(run_forward)
+        try:
+            self.learner.end_task(run_forward)
+        finally:
+            if capture is not None:
+                capture.remove()
         rank_zero_info(f"CenterKernelCallback: task {self.learner.tasks_seen} done, branches folded back")
 
     @override
@@ -162,14 +230,27 @@ class CenterKernelCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_optimizer_hooks()
+        self._detach_statistics()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict()
+        state = self.learner.state_dict()
+        if self.statistics is not None:
+            state["statistics"] = self.statistics.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state_dict)
+        state = dict(state_dict)
+        statistics = state.pop("statistics", None)
+        self.learner.load_state_dict(state)
+        if self.statistics is not None and statistics is not None:
+            self.statistics.load_state_dict(statistics)
+
+    def _detach_statistics(self) -> None:
+        if self._statistics_handle is not None:
+            self._statistics_handle.remove()
+            self._statistics_handle = None
 
     def record(self, model: torch.nn.Module, dataloader: Any) -> None:
         """Protect what a pretrained ``model`` knows: record its center-input covariance on ``dataloader``
