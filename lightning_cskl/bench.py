@@ -236,13 +236,37 @@ class BenchTable:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
+    def effect_markdown(self) -> str:
+        """Where the CsKO runs' center updates act (the learner's ``update_effect``), as a Markdown table: per
+        method, scenario and trained layer, the relative change of the center output on each experience's own
+        inputs and on the old experiences' inputs, averaged over incremental experiences and seeds ("" when no
+        run recorded one)."""
+        cells: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+        for run in self.runs:
+            for experience in run.get("update_effect") or []:
+                for layer, effect in experience.items():
+                    cell = cells.setdefault((run["method"], run["scenario"], layer), {"new": [], "old": []})
+                    for data in ("new", "old"):
+                        if effect.get(data) is not None and not math.isnan(effect[data]):
+                            cell[data].append(effect[data])
+        if not cells:
+            return ""
+        lines = ["| method | scenario | layer | change on new inputs | change on old inputs | old / new |",
+                 "|---|---|---|---|---|---|"]
+        for (method, scenario, layer), cell in cells.items():
+            new, old = _mean_std(cell["new"])[0], _mean_std(cell["old"])[0]
+            ratio = old / new if new and not math.isnan(new) else math.nan
+            lines.append(f"| {method} | {scenario} | {layer} | {new:.4f} | {old:.4f} | {ratio:.2f} |")
+        return "\n".join(lines) + "\n"
+
     def write(self, out_dir: Union[str, os.PathLike], name: str = "bench") -> dict[str, Path]:
         """Write ``<name>.md`` (summary), ``<name>.csv`` (summary, mean and std columns) and
         ``<name>_runs.csv`` (one row per run); return their paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"markdown": out / f"{name}.md", "csv": out / f"{name}.csv", "runs_csv": out / f"{name}_runs.csv"}
-        paths["markdown"].write_text(self.markdown())
+        effect = self.effect_markdown()
+        paths["markdown"].write_text(self.markdown() + (f"\nWhere the center updates act:\n\n{effect}" if effect else ""))
         summary = self.summary()
         _write_csv(paths["csv"], summary, list(summary[0]) if summary else ["method"])
         run_columns = ["method", "scenario", "seed", *ACCURACY_COLUMNS, *COST_COLUMNS]
@@ -488,7 +512,8 @@ class _EffectRecorder(SupervisedPlugin):
         super().__init__()
         self.effects: list[dict[str, dict[str, float]]] = []
 
-    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+    def after_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        # after every plugin's after_training_exp, the method's end-of-experience work included
         learner = getattr(getattr(strategy, "baseline", None), "learner", None)
         if learner is not None and learner.update_effect:
             self.effects.append({n: dict(e) for n, e in learner.update_effect.items()})

@@ -48,8 +48,14 @@ def bench(tmp_path_factory):
 def test_bench_writes_markdown_and_csv(bench):
     table, out = bench
     assert [r["method"] for r in table.runs] == METHODS
-    markdown = (out / "bench.md").read_text().splitlines()
+    text = (out / "bench.md").read_text()
+    markdown = text.split("\n\n")[0].splitlines()
     assert len(markdown) == 2 + len(METHODS) and markdown[0].startswith("| method | scenario | seeds | ACC")
+    # CsKO's runs say where their center updates acted, per trained layer (the base session has none)
+    effect = text.split("Where the center updates act:")[1]
+    assert "| csko_dces | class | backbone.2.0 |" in effect and "| gpm |" not in effect
+    ours = next(r for r in table.runs if r["method"] == "csko_dces")
+    assert len(ours["update_effect"]) == 3 and all(e["backbone.2.0"]["new"] > 0 for e in ours["update_effect"])
     with open(out / "bench.csv") as f:
         summary = list(csv.DictReader(f))
     assert [r["method"] for r in summary] == METHODS

@@ -235,3 +235,22 @@ def test_gradient_filter_option_reaches_the_branches(digit_tasks):
     fit_task(model, cb, digit_tasks[1], 1, epochs=1, extra_callbacks=[check])
     assert check.seen and set(check.seen) == {2}
     assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+
+
+def test_statistics_head_answers_in_eval_mode_and_keeps_old_classes(digit_tasks):
+    accuracy = {}
+    for rule in (None, "lda"):
+        model = make_model(scenario="class")
+        cb = CenterKernelCallback(score_batches=3, statistics_head=rule, head="heads.0")
+        for t in range(3):
+            fit_task(model, cb, digit_tasks[t], t, epochs=3)
+        accuracy[rule] = [model.evaluate(digit_tasks[t].test, seen_tasks=3) for t in range(3)]
+    assert cb.statistics.classes.tolist() == [0, 1, 2, 3, 4, 5]
+    assert min(accuracy["lda"]) > 0.8, accuracy  # every task's classes are still recognised
+    assert accuracy[None][0] < 0.5, accuracy  # the trained head alone forgot the first classes
+    state = cb.state_dict()
+    copy_cb = CenterKernelCallback(statistics_head="lda")
+    copy_cb.load_state_dict(state)
+    assert torch.equal(copy_cb.statistics.means, cb.statistics.means)
+    with pytest.raises(ValueError, match="statistics_head='knn' is not allowed"):
+        CenterKernelCallback(statistics_head="knn")

@@ -1,27 +1,29 @@
 """The methods of the comparison (PROTOCOL.md), each an Avalanche strategy built by name from :data:`METHODS`.
 
-=================  ==========================================================================================
-name               what trains after the base session (experience 0 always trains every parameter)
-=================  ==========================================================================================
-``full_finetune``  everything (Avalanche ``Naive``)
-``last_layer``     the classifier head
-``head_replay``    the classifier head, with CsKO's prototype replay (single-head models): the cheapest
-                   trained baseline; a backbone method's *adaptation gain* is its ACC minus this one's
-``slda``           nothing (no backward pass): streaming LDA on the frozen base-session features
-``ncm``            nothing: nearest class mean on the frozen base-session features
-``bias_only``      every bias (conv, BatchNorm, linear) and the head (TinyTL-style)
-``sparse_update``  whole k×k kernels of the last convolutions on the input channels of largest weight
-                   magnitude, and the head (MCUNetV3-style; no anti-forgetting)
-``ewc``, ``lwf``   everything, with Avalanche's ``EWCPlugin`` / ``LwFPlugin``
-``gpm``            whole k×k kernels of the last convolutions, each step projected away from old tasks'
-                   unfolded C·k² input patches by the energy criterion (GPM), and the head
-``adam_nscl``      the same with the null-space criterion (Adam-NSCL)
-``center_only``    CsKO centers of all channels, no projection (ablation; trained head)
-``csko``           CsKO on all channels with projection (CsKO without DCES; trained head)
-``csko_dces``      CsKO + DCES (the method as published: engine defaults, trained head)
-``csko_dces_lda``  CsKO + DCES evaluated with the LDA statistics head of its own features (CSKLStrategy's
-                   default for single-head models)
-=================  ==========================================================================================
+=====================  ==========================================================================================
+name                   what trains after the base session (experience 0 always trains every parameter)
+=====================  ==========================================================================================
+``full_finetune``      everything (Avalanche ``Naive``)
+``last_layer``         the classifier head
+``head_replay``        the classifier head, with CsKO's prototype replay (single-head models): the cheapest
+                       trained baseline; a backbone method's *adaptation gain* is its ACC minus this one's
+``slda``               nothing (no backward pass): streaming LDA on the frozen base-session features
+``ncm``                nothing: nearest class mean on the frozen base-session features
+``full_finetune_lda``  everything (as ``full_finetune``), evaluated with the LDA statistics head: what
+                       adapting the whole backbone gives the statistics head, and what it costs the old classes
+``bias_only``          every bias (conv, BatchNorm, linear) and the head (TinyTL-style)
+``sparse_update``      whole k×k kernels of the last convolutions on the input channels of largest weight
+                       magnitude, and the head (MCUNetV3-style; no anti-forgetting)
+``ewc``, ``lwf``       everything, with Avalanche's ``EWCPlugin`` / ``LwFPlugin``
+``gpm``                whole k×k kernels of the last convolutions, each step projected away from old tasks'
+                       unfolded C·k² input patches by the energy criterion (GPM), and the head
+``adam_nscl``          the same with the null-space criterion (Adam-NSCL)
+``center_only``        CsKO centers of all channels, no projection (ablation; trained head)
+``csko``               CsKO on all channels with projection (CsKO without DCES; trained head)
+``csko_dces``          CsKO + DCES (the method as published: engine defaults, trained head)
+``csko_dces_lda``      CsKO + DCES evaluated with the LDA statistics head of its own features (CSKLStrategy's
+                       default for single-head models)
+=====================  ==========================================================================================
 
 ``csko_dces_filter`` is CsKO + DCES with 2×2 gradient filtering on the center branches (issue 5: less
 activation memory, exact forward). ``gpm_replay`` and ``adam_nscl_replay`` are GPM and Adam-NSCL with
@@ -72,6 +74,7 @@ from .strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, recor
 __all__ = [
     "BiasOnlyPlugin",
     "FrozenBackbonePlugin",
+    "FullFinetunePlugin",
     "FullKernelProjectionPlugin",
     "IncrementalFreezePlugin",
     "LastLayerPlugin",
@@ -271,6 +274,21 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
 
 class LastLayerPlugin(IncrementalFreezePlugin):
     """After the base session only the classifier head trains."""
+
+
+class FullFinetunePlugin(IncrementalFreezePlugin):
+    """Every parameter trains in every experience and BatchNorm keeps training mode: full fine-tuning, as a plugin
+    so that it can take a statistics head (``full_finetune_lda``: how much adapting the whole backbone gives a
+    statistics head, and how much the old classes' stored statistics suffer from it)."""
+
+    @override
+    def trainable(self, model: nn.Module) -> list[str]:
+        find_classifier(model, self.head)  # validates the head
+        return [n for n, _ in model.named_parameters()]
+
+    @override
+    def _freeze_batchnorm(self, model: nn.Module) -> None:
+        pass
 
 
 class FrozenBackbonePlugin(IncrementalFreezePlugin):
@@ -550,6 +568,7 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "head_replay": _plugin_method(lambda **o: LastLayerPlugin(**{"prototype_replay": "auto", **o})),
     "slda": _plugin_method(lambda **o: FrozenBackbonePlugin(**{"statistics_head": "lda", **o})),
     "ncm": _plugin_method(lambda **o: FrozenBackbonePlugin(**{"statistics_head": "ncm", **o})),
+    "full_finetune_lda": _plugin_method(lambda **o: FullFinetunePlugin(**{"statistics_head": "lda", **o})),
     "bias_only": _plugin_method(BiasOnlyPlugin),
     "sparse_update": _plugin_method(SparseUpdatePlugin),
     "ewc": _plugin_method(lambda ewc_lambda=100.0, mode="separate", **o: EWCPlugin(ewc_lambda, mode, **o)),
@@ -592,7 +611,7 @@ def method_base(name: str) -> str:
 
 
 #: methods whose classifier is a statistics head: single-head (class- and domain-incremental) models only
-SINGLE_HEAD_METHODS = frozenset({"slda", "ncm", "csko_dces_lda"})
+SINGLE_HEAD_METHODS = frozenset({"slda", "ncm", "full_finetune_lda", "csko_dces_lda"})
 
 
 def build_method(

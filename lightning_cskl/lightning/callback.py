@@ -99,8 +99,9 @@ class CenterKernelCallback(Callback):
         log_stats: log per layer the selected channels and free-subspace dimension through the loggers.
         statistics_head: ``"lda"`` or ``"ncm"``: at the end of every task the head's input features of the
             task's training data update class statistics (:class:`~lightning_cskl.core.head.StatisticsHead`),
-            and in eval mode (validation, test, predict) the head answers with their scores instead of its
-            trained output; None (default): the trained head.
+            and in eval mode (validation, test, predict, or ``model.eval()`` and a plain call, also after the
+            fit) the head answers with their scores instead of its trained output (a forward hook attached at
+            ``setup``; :meth:`detach_statistics` removes it); None (default): the trained head.
         head: qualified name of the classifier head in the LightningModule (``"auto"``: its last
             ``nn.Linear``); used by the statistics head.
         target_fn: ``batch -> labels`` for the statistics head (default: :func:`default_batch_target`).
@@ -134,6 +135,7 @@ class CenterKernelCallback(Callback):
         self.target_fn = target_fn or default_batch_target
         self._optimizer_handles: list[Any] = []
         self._statistics_handle: Any = None
+        self._statistics_head: Optional[torch.nn.Module] = None
 
     def head_module(self, pl_module: torch.nn.Module) -> torch.nn.Module:
         """The classifier head whose input the statistics head reads.
@@ -152,9 +154,11 @@ class CenterKernelCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._detach_statistics()
         if self.statistics is not None:
-            self._statistics_handle = self.statistics.attach(self.head_module(pl_module))
+            head = self.head_module(pl_module)
+            if self._statistics_head is not head:  # attached once per head; it stays after fit (see the docs)
+                self.detach_statistics()
+                self._statistics_handle, self._statistics_head = self.statistics.attach(head), head
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
@@ -230,7 +234,6 @@ class CenterKernelCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_optimizer_hooks()
-        self._detach_statistics()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -247,10 +250,11 @@ class CenterKernelCallback(Callback):
         if self.statistics is not None and statistics is not None:
             self.statistics.load_state_dict(statistics)
 
-    def _detach_statistics(self) -> None:
+    def detach_statistics(self) -> None:
+        """Let the head answer with its trained output again in eval mode (undoes the statistics head)."""
         if self._statistics_handle is not None:
             self._statistics_handle.remove()
-            self._statistics_handle = None
+        self._statistics_handle, self._statistics_head = None, None
 
     def record(self, model: torch.nn.Module, dataloader: Any) -> None:
         """Protect what a pretrained ``model`` knows: record its center-input covariance on ``dataloader``
