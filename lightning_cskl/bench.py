@@ -41,7 +41,9 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import is_multi_task_module
 from torch import Tensor, nn
 
-from .avalanche.baselines import METHODS, SINGLE_HEAD_METHODS, UnknownMethodError, build_method, method_base
+from .avalanche.baselines import (
+    FROZEN_METHODS, METHODS, SINGLE_HEAD_METHODS, UnknownMethodError, build_method, method_base,
+)
 from .avalanche.run import run_continual, train_base
 from .core.accounting import StepCost, measure_step, storage_bytes
 
@@ -462,6 +464,8 @@ def run_bench(
                             base = train_base(bench, lambda ev: build("full_finetune", scenario, seed, ev, []),
                                               base_file)
                         method_epochs = int(options.get(method, {}).get("train_epochs", epochs))
+                        if method_base(method) in FROZEN_METHODS:
+                            method_epochs = 0  # nothing trains after the base session
                         if equal_compute:
                             if reference_flops is None:
                                 reference_flops = step_flops("full_finetune", scenario, seed, bench, base)

@@ -17,7 +17,7 @@ from lightning_cskl.core import (
     resolve_layers,
     select_channels,
 )
-from lightning_cskl.core.projection import NULL_SPACE_RTOL
+from lightning_cskl.core.projection import NULL_SPACE_MAX_SHARE, NULL_SPACE_RTOL
 
 from .engine_helpers import Net, low_rank_data
 
@@ -83,7 +83,7 @@ def test_free_basis_criteria():
 
 
 def test_projector_restricts_to_selected_block_before_eigendecomposition():
-    cov = torch.tensor([[[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
+    cov = torch.tensor([[[2.0, 1.9, 0.0], [1.9, 2.0, 0.0], [0.0, 0.0, 0.1]]])
     selected = torch.tensor([True, True, False])
     basis, free = layer_projector(cov, selected, "null_space", null_space_factor=1.0)
     assert free.tolist() == [1]
@@ -125,7 +125,8 @@ def test_old_task_output_change_is_bounded_for_every_optimizer(optimizer, rule, 
         eig = torch.linalg.eigvalsh(sub).clamp_min(0)
         if criterion == "null_space":
             ref = eig if reference == "selected" else torch.linalg.eigvalsh(cov).clamp_min(0)
-            allowed = max(5.0 * ref[0].item(), NULL_SPACE_RTOL * ref[-1].item())
+            allowed = min(max(5.0 * ref[0].item(), NULL_SPACE_RTOL * ref[-1].item()),
+                          NULL_SPACE_MAX_SHARE * ref[-1].item())
         else:
             share = torch.cumsum(eig, 0) / eig.sum()
             allowed = eig[share <= 0.1 + 1e-12].max().item() if (share <= 0.1 + 1e-12).any() else 0.0
@@ -427,3 +428,11 @@ def test_update_effect_says_where_the_update_acts(project):
     else:
         assert effect["old"] > 0.1 * effect["new"]
     assert learner.selection_stats()["cskl/conv1/update_effect_old"] == effect["old"]
+
+
+def test_null_space_rule_never_frees_a_flat_spectrum():
+    # a grayscale network's first convolution: one input channel, λ_min = λ_max, so θ·λ_min frees it all
+    basis, free = layer_projector(torch.tensor([[[3.0]]]), torch.ones(1, dtype=torch.bool), "null_space")
+    assert free.tolist() == [0] and basis.shape[2] == 0
+    flat, _ = free_basis(torch.diag(torch.tensor([1.0, 1.5, 2.0])), "null_space")
+    assert flat.shape[1] == 0

@@ -73,6 +73,7 @@ from .strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, recor
 
 __all__ = [
     "BiasOnlyPlugin",
+    "FROZEN_METHODS",
     "FrozenBackbonePlugin",
     "FullFinetunePlugin",
     "FullKernelProjectionPlugin",
@@ -609,6 +610,9 @@ def method_base(name: str) -> str:
                                  "(or '<method>@<tag>' for a variant)")
     return base
 
+
+#: methods that train nothing after the base session (no backward pass, no epochs)
+FROZEN_METHODS = frozenset({"slda", "ncm"})
 
 #: methods whose classifier is a statistics head: single-head (class- and domain-incremental) models only
 SINGLE_HEAD_METHODS = frozenset({"slda", "ncm", "full_finetune_lda", "csko_dces_lda"})

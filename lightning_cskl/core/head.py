@@ -124,6 +124,24 @@ class StatisticsHead:
             self._weights = (weight, bias)
         return self._weights
 
+    def scores(self, features: Tensor) -> Tensor:
+        """Differentiable scores ``(N, len(self))`` of the stored classes (in :attr:`classes` order) for ``features``
+        ``(N, F)``: the statistics are constants, the gradient flows into ``features`` (to train a network
+        against this classifier).
+
+        Example:
+            >>> head = StatisticsHead("ncm")
+            >>> head.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+            >>> z = torch.tensor([[0.5, 0.0]], requires_grad=True)
+            >>> head.scores(z).sum().backward(); z.grad.tolist()
+            [[1.0, 1.0]]
+        """
+        if not len(self):
+            raise RuntimeError("the statistics head has seen no data yet: call update() first")
+        weight, bias = self._linear()
+        z = features.flatten(1)
+        return z @ weight.to(z.device, z.dtype).T + bias.to(z.device, z.dtype)
+
     def logits(self, features: Tensor, num_classes: Optional[int] = None) -> Tensor:
         """Scores ``(N, num_classes)`` for ``features`` ``(N, F)``; classes without statistics score
         :data:`UNSEEN_CLASS_SCORE`. ``num_classes`` defaults to the largest stored label + 1.
@@ -134,9 +152,8 @@ class StatisticsHead:
         if not len(self):
             raise RuntimeError("the statistics head has seen no data yet: call update() first")
         width = int(self.classes.max()) + 1 if num_classes is None else int(num_classes)
-        weight, bias = self._linear()
         z = features.detach().flatten(1)
-        scores = z.to(torch.float64) @ weight.to(z.device).T + bias.to(z.device)
+        scores = self.scores(z.to(torch.float64))
         out = torch.full((z.shape[0], width), UNSEEN_CLASS_SCORE, dtype=torch.float64, device=z.device)
         known = self.classes < width
         out[:, self.classes[known].to(z.device)] = scores[:, known.to(z.device)]

@@ -8,7 +8,9 @@ by at most ``λ_max(free) · ‖ΔW‖²`` in mean square. Unselected channels g
 
 Two criteria choose the free eigenvectors:
 
-* ``"null_space"`` (Adam-NSCL): ``λ ≤ θ · λ_min`` (plus a numerical floor ``rtol · λ_max``). ``λ_min`` is
+* ``"null_space"`` (Adam-NSCL): ``λ ≤ θ · λ_min`` (plus a numerical floor ``rtol · λ_max``), and never above
+  ``NULL_SPACE_MAX_SHARE · λ_max`` (without that cap a flat spectrum, such as the single input channel of a
+  grayscale network's first convolution, leaves every direction free). ``λ_min`` is
   that of ``Σ[S, S]`` (``null_space_reference="selected"``, the research code's rule) or of the layer's whole
   ``Σ`` (``"layer"``: stricter, since a principal submatrix's eigenvalues never fall below the whole
   matrix's ``λ_min``).
@@ -35,13 +37,16 @@ from torch import Tensor
 
 __all__ = [
     "ProjectionCriterion", "direction_scales", "free_basis", "free_mask", "layer_projector", "project_update",
-    "NULL_SPACE_RTOL",
+    "NULL_SPACE_MAX_SHARE", "NULL_SPACE_RTOL",
 ]
 
 ProjectionCriterion = Literal["null_space", "energy", "relative", "scaled"]
 
 #: eigenvalues below ``NULL_SPACE_RTOL * λ_max`` count as zero (float32 covariances are not exact)
 NULL_SPACE_RTOL = 1e-6
+#: the null-space rule never frees a direction holding more than this share of the strongest one's energy: with a
+#: flat spectrum (a 1-channel input, whitened features) ``θ · λ_min`` reaches ``λ_max`` and would free everything
+NULL_SPACE_MAX_SHARE = 0.1
 
 
 def free_mask(
@@ -71,7 +76,7 @@ def free_mask(
         return torch.ones_like(values, dtype=torch.bool)
     if criterion == "null_space":
         low, high = (values.min().item(), values.max().item()) if reference is None else reference
-        return values <= max(null_space_factor * low, NULL_SPACE_RTOL * high)
+        return values <= min(max(null_space_factor * low, NULL_SPACE_RTOL * high), NULL_SPACE_MAX_SHARE * high)
     if criterion == "relative":
         return values <= relative_threshold * values.max()
     if criterion == "scaled":
@@ -159,7 +164,7 @@ def layer_projector(
         a mask after a full projection); ``free_dims`` of shape ``(groups,)``.
 
     Example:
-        >>> cov = torch.tensor([[[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
+        >>> cov = torch.tensor([[[2.0, 1.9, 0.0], [1.9, 2.0, 0.0], [0.0, 0.0, 0.1]]])
         >>> basis, free = layer_projector(cov, torch.tensor([True, True, False]), null_space_factor=1.0)
         >>> free.tolist(), basis.shape
         ([1], torch.Size([1, 3, 1]))
