@@ -134,8 +134,8 @@ def test_class_incremental_beats_naive_on_old_tasks(class_runs):
     cskl, naive, _, checker = class_runs
     assert cskl.completed == cskl.total == 4 and len(cskl.accuracy[-1]) == 4
     assert checker.checked == 3  # frozen parameters and BatchNorm statistics never moved
-    # measured: CSKL 0.73 (0.88, 0.69, 0.63) vs Naive 0.00 on the old experiences after the last one;
-    # forgetting -0.08 vs 1.00 (prototype replay even lifts old classes while the head trains)
+    # measured with the default LDA statistics head: CSKL 0.88 (0.94, 0.77, 0.92) vs Naive 0.00 on the old
+    # experiences after the last one; forgetting 0.08 vs 1.00 (with the trained head: 0.73 and -0.09)
     assert _old_task_accuracy(cskl) > _old_task_accuracy(naive) + 0.45
     assert cskl.accuracy[-1][0] > 0.8  # the base session survives three incremental experiences
     assert cskl.summary["forgetting"] < 0.15 < naive.summary["forgetting"]
