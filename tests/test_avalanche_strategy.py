@@ -3,6 +3,8 @@ parameters that never move, resume after a crash, W&B offline files, clear error
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from avalanche.benchmarks import benchmark_from_datasets
@@ -282,3 +284,50 @@ def test_benchmark_without_data_is_refused():
     bm = benchmark_from_datasets(train=[], test=[])
     with pytest.raises(NoDataError, match="the benchmark has no data: 0 training and 0 evaluation experiences"):
         run_continual(bm, lambda evaluator: _tiny_strategy(), progress=False)
+
+
+def test_positional_arguments_are_refused_so_no_keyword_is_dropped():
+    model = SmallCNN(10)
+    optimizer = torch.optim.Adam(model.parameters())
+    # Avalanche's legacy positional mapping would drop the misspelled keywords silently
+    with pytest.raises(TypeError, match=r"CSKLStrategy takes keyword arguments only \(got 2 positional"):
+        CSKLStrategy(model, optimizer, trai_epochs=2, chanel_ratio=0.5)
+
+
+def test_prototype_replay_leaves_the_output_unscaled_for_other_plugins():
+    from avalanche.training.plugins import LwFPlugin
+
+    class Spy(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.gaps = []
+
+        def before_backward(self, strategy, *args, **kwargs):
+            with torch.no_grad():
+                model = strategy.model
+                was = model.training
+                model.eval()  # the same logits as training computes (BatchNorm is frozen there)
+                expected = model(strategy.mb_x)
+                model.train(was)
+            self.gaps.append((float((strategy.mb_output - expected).abs().max()), strategy.cskl._replay_head))
+
+    spy = Spy()
+    bm = split_digits_benchmark("class")
+    strategy = _factory("class", "cskl", plugins=[LwFPlugin(), spy], score_batches=1)(None)
+    strategy.train_epochs = 1
+    for experience in bm.train_stream[:2]:
+        strategy.train(experience)
+    replayed = [gap for gap, head in spy.gaps if head is not None]
+    steps = math.ceil(len(bm.train_stream[1].dataset) / BATCH)
+    assert len(replayed) == steps  # every step of experience 1 replayed prototypes
+    assert max(replayed) < 1e-4  # what LwF and the metrics see is the model's own output, not output / τ
+
+
+def test_an_experience_too_short_to_finish_scoring_warns():
+    bm = split_digits_benchmark("class")
+    strategy = _factory("class", "cskl", score_batches=1000)(None)
+    strategy.train_epochs = 1
+    strategy.train(bm.train_stream[0])
+    with pytest.warns(UserWarning, match=r"experience 1 of stream 'train' has \d+ optimizer steps but DCES scores "
+                                         r"for 1000 \(score_batches=1000\): no center and no head weight will move"):
+        strategy.train(bm.train_stream[1])

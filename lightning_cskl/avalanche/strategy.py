@@ -22,7 +22,9 @@ old-class prototypes passed through the head is added before backward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import warnings
 import typing
 from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, Union
@@ -152,14 +154,13 @@ class PrototypeReplayHooks(SupervisedPlugin):
         self.memory.end_collect()
 
     @override
-    def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        if self._replay_head is not None:
-            strategy.mb_output = self.memory.scale(strategy.mb_output)
-
-    @override
     def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         if self._replay_head is not None:
-            strategy.loss = strategy.loss + self.memory.loss(self._replay_head, len(strategy.mb_y))
+            # the temperature applies inside this loss only: strategy.mb_output stays unscaled for every other
+            # plugin (LwF's distillation, metrics), and the strategy's criterion term is swapped for its scaled form
+            output, target = strategy.mb_output, strategy.mb_y
+            swap = strategy._criterion(self.memory.scale(output), target) - strategy._criterion(output, target)
+            strategy.loss = strategy.loss + swap + self.memory.loss(self._replay_head, len(target))
 
     @override
     def before_eval_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -298,10 +299,26 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             )
         self._remove_optimizer_hooks()
         self._optimizer_handle = self.learner.attach_optimizer(strategy.optimizer)
+        self._warn_if_scoring_fills(strategy)
         self._replay_head = None
         if self.replays_prototypes(model) and len(self.memory) and not self.learner.is_base_task:
             self._replay_head = find_head(model, self.head)
             self.memory.begin_task(self.learner.tasks_seen)
+
+    def _warn_if_scoring_fills(self, strategy: SupervisedTemplate) -> None:
+        remaining = self.config.score_batches - self.learner.scored_batches
+        loader = getattr(strategy, "dataloader", None)
+        if self.learner.phase != "scoring" or loader is None:
+            return
+        try:
+            steps = len(loader) * int(strategy.train_epochs)
+        except TypeError:  # a loader without a length
+            return
+        if steps <= remaining:
+            warnings.warn(
+                f"{_experience_name(strategy.experience)} has {steps} optimizer steps but DCES scores for "
+                f"{remaining} (score_batches={self.config.score_batches}): no center and no head weight will move "
+                "in it. Lower score_batches or train longer.", stacklevel=2)
 
     @override
     def after_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -463,3 +480,20 @@ class CSKLStrategy(SupervisedTemplate):
             peval_mode=peval_mode,
         )
         self.cskl = plugin
+
+
+def _keyword_only(init: Callable[..., None]) -> Callable[..., None]:
+    """Refuse positional arguments before Avalanche's legacy wrapper sees them: it maps them onto the signature
+    and silently drops every keyword it does not know, misspelled ones included."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise TypeError(f"{type(self).__name__} takes keyword arguments only (got {len(args)} positional "
+                            "argument(s)): write model=..., optimizer=..., ...")
+        init(self, **kwargs)
+
+    return wrapper
+
+
+CSKLStrategy.__init__ = _keyword_only(CSKLStrategy.__init__)  # type: ignore[method-assign]

@@ -21,21 +21,24 @@ __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "def
 _REFUSED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
 
 
+def _batch_part(batch: Any, index: int, keys: tuple[str, ...], what: str, remedy: str) -> Any:
+    """Element ``index`` of a tuple/list batch, or its first entry among ``keys`` if a mapping."""
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > index:
+        return batch[index]
+    if isinstance(batch, Mapping):
+        for key in keys:
+            if key in batch:
+                return batch[key]
+    raise TypeError(f"cannot find the {what} in a batch of type {type(batch).__name__}: pass {remedy}")
+
+
 def default_batch_input(batch: Any) -> Any:
     """The model input of a batch: the batch if it is a tensor, its first element if a tuple or list,
     or its ``"x"``/``"input"``/``"image"`` entry if a mapping."""
     if isinstance(batch, Tensor):
         return batch
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("x", "input", "image"):
-            if key in batch:
-                return batch[key]
-    raise TypeError(
-        f"cannot find the model input in a batch of type {type(batch).__name__}: pass "
-        "CenterKernelCallback(forward_fn=lambda module, batch: ...) to say how the model reads a batch"
-    )
+    return _batch_part(batch, 0, ("x", "input", "image"), "model input",
+                       "CenterKernelCallback(forward_fn=lambda module, batch: ...) to say how the model reads a batch")
 
 
 def check_strategy(strategy: object) -> None:
@@ -51,16 +54,8 @@ def check_strategy(strategy: object) -> None:
 def default_batch_target(batch: Any) -> Tensor:
     """The labels of a batch: its second element if a tuple or list, or its ``"y"``/``"label"``/``"target"``
     entry if a mapping."""
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 1:
-        return batch[1]
-    if isinstance(batch, Mapping):
-        for key in ("y", "label", "target"):
-            if key in batch:
-                return batch[key]
-    raise TypeError(
-        f"cannot find the labels in a batch of type {type(batch).__name__}: pass "
-        "CenterKernelCallback(target_fn=lambda batch: ...) to say where they are"
-    )
+    return _batch_part(batch, 1, ("y", "label", "target"), "labels",
+                       "CenterKernelCallback(target_fn=lambda batch: ...) to say where they are")
 
 
 def _default_forward(module: torch.nn.Module, batch: Any) -> Any:
