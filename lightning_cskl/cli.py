@@ -390,6 +390,16 @@ def _check(config: RunConfig) -> None:
         raise UsageError(f"train.lr={config.train.lr!r} is not allowed: it must be > 0")
     if config.train.threads is not None and config.train.threads < 1:
         raise UsageError(f"train.threads={config.train.threads!r} is not allowed: use null or an int >= 1")
+    device = config.train.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"train.device={device!r} is not allowed here: this machine has no CUDA device "
+                             "(use auto or cpu)")
+    if config.data.train_per_class is not None and config.data.benchmark == "digits":
+        raise UsageError("data.train_per_class is not allowed with data.benchmark='digits' (it has about 125 "
+                         "training images per class): use it with fashion_mnist or fashion_digits")
     from .avalanche.baselines import METHODS
 
     if config.method not in ("csko", "naive", *METHODS):
@@ -517,7 +527,14 @@ def _check_resume(plain_config: dict[str, Any], folder: Path, checkpoint: Option
                              "differ); rerun with the same config, another name, or resume=false to start afresh")
         return
     if checkpoint is not None and checkpoint.is_file():
-        checkpoint.unlink()  # a fresh run: a checkpoint of an earlier config must never pair with this config.json
+        # a fresh run: an earlier checkpoint must never pair with this config.json, and is kept, not deleted
+        kept = checkpoint.with_name("checkpoint.previous.pt")
+        os.replace(checkpoint, kept)
+        print(f"{checkpoint} of an earlier run was moved to {kept} (resume=false starts afresh; "
+              "--resume true continues an interrupted run)", file=sys.stderr)
+        previous_config = record.with_name("config.previous.json")
+        if record.is_file():
+            os.replace(record, previous_config)
     record.write_text(json.dumps(plain_config, indent=2) + "\n")
 
 

@@ -331,3 +331,35 @@ def test_an_experience_too_short_to_finish_scoring_warns():
     with pytest.warns(UserWarning, match=r"experience 1 of stream 'train' has \d+ optimizer steps but DCES scores "
                                          r"for 1000 \(score_batches=1000\): no center and no head weight will move"):
         strategy.train(bm.train_stream[1])
+
+
+def test_a_nan_pixel_never_reaches_the_stored_state_and_later_tasks_still_train(caplog):
+    from lightning_cskl.data.benchmarks import tensor_benchmark
+    from lightning_cskl.data import split_digits
+
+    (data,) = split_digits(n_tasks=1)
+    train_x, train_y, _ = data.train.tensors
+    test_x, test_y, _ = data.test.tensors
+    train_x = train_x.clone()
+    poisoned = (train_y == 4).nonzero()[0, 0]  # one sample of experience 1
+    train_x[poisoned, 0, 3, 3] = float("nan")
+    bm = tensor_benchmark((train_x, train_y), (test_x, test_y), "class", 4, 2)
+    strategy = _factory("class", "cskl", score_batches=1)(None)
+    strategy.train_epochs = 2
+    before = {}
+    with caplog.at_level("WARNING"):
+        for index, experience in enumerate(bm.train_stream):
+            if index == 3:
+                learner = strategy.cskl.learner
+                before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+            strategy.train(experience)
+    plugin = strategy.cskl
+    stored = [*plugin.learner.covariances.values(), plugin.memory.prototypes, plugin.statistics.means,
+              plugin.statistics.scatter, *(p.detach() for p in strategy.model.parameters())]
+    assert all(bool(torch.isfinite(t).all()) for t in stored)
+    assert "non-finite gradients and were skipped" in caplog.text
+    assert "left out" in caplog.text
+    # the clean task after it trained: its centers and head moved
+    after = strategy.model.state_dict()
+    assert not torch.equal(before["head.classifier.weight"], after["head.classifier.weight"])
+    assert learner.tasks_seen == 4

@@ -61,6 +61,14 @@ def test_run_on_digits_end_to_end(tmp_path, capsys):
                           "--model.width", "4"])
     assert "was written with another config (model.width differ)" in err
 
+    # a fresh run over it (resume false) keeps the earlier checkpoint and config instead of deleting them
+    saved = (folder / "checkpoint.pt").read_bytes()
+    main(["run", "--output_dir", str(tmp_path), "--name", "digits", *QUICK, "--wandb.mode", "disabled",
+          "--train.epochs", "1"])
+    assert (folder / "checkpoint.previous.pt").read_bytes() == saved
+    assert json.loads((folder / "config.previous.json").read_text())["train"]["epochs"] == 2
+    assert "checkpoint.previous.pt" in capsys.readouterr().err
+
 
 def test_default_config_is_configs_digits_yaml():
     parser = build_parser()
@@ -216,4 +224,10 @@ def test_domain_and_cross_dataset_data_options_are_refused_where_they_do_not_app
     assert "data.scenario='task' is not allowed with data.benchmark='fashion_digits'" in _error(
         capsys, ["run", "--data.benchmark", "fashion_digits", "--data.scenario", "task"])
     assert "lr=-1.0 is not allowed" in _error(capsys, ["bench", "--lr", "-1"])
+    assert "epochs=0 is not allowed" in _error(capsys, ["bench", "--epochs", "0"])
+    assert "data.train_per_class is not allowed with data.benchmark='digits'" in _error(
+        capsys, ["run", "--data.train_per_class", "10"])
+    if not torch.cuda.is_available():
+        assert "train.device='cuda' is not allowed here: this machine has no CUDA device" in _error(
+            capsys, ["run", "--train.device", "cuda"])
     assert "batch_size=0 is not allowed" in _error(capsys, ["bench", "--batch_size", "0"])

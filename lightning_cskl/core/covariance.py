@@ -60,18 +60,27 @@ class CovarianceCollector:
         self.layers = layers
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in layers}
+        self.skipped: dict[str, int] = {}  # samples left out because their input was not finite
 
     def statistic(self, name: str, module: nn.Module, x: Tensor, output: Tensor) -> tuple[Tensor, int]:
         """``(sum of outer products, number of vectors)`` of one forward call; subclasses change what is summed."""
         conv = getattr(module, "conv", module)
         ndim = len(conv.kernel_size)
-        if x.dim() == ndim + 1:  # unbatched input
-            x, output = x.unsqueeze(0), output.unsqueeze(0)
         return center_covariance(center_input(conv, x, tuple(output.shape[-ndim:])), conv.groups)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            total, count = self.statistic(name, module, inputs[0], output)
+            x = inputs[0]
+            if x.dim() == len(getattr(module, "conv", module).kernel_size) + 1:  # unbatched input
+                x, output = x.unsqueeze(0), output.unsqueeze(0)
+            if not bool(torch.isfinite(x).all()):
+                # a NaN or infinite input must never reach the stored state: leave those samples out
+                keep = torch.isfinite(x.flatten(1)).all(1)
+                self.skipped[name] = self.skipped.get(name, 0) + int((~keep).sum())
+                if not bool(keep.any()):
+                    return
+                x, output = x[keep], output[keep]
+            total, count = self.statistic(name, module, x, output)
             self.sums[name] = self.sums[name] + total if name in self.sums else total
             self.counts[name] = self.counts.get(name, 0) + count
 

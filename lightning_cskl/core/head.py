@@ -16,6 +16,7 @@ Imports torch only.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, Optional
 
 import torch
@@ -25,6 +26,8 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["StatisticsHead", "StatisticsRule", "UNSEEN_CLASS_SCORE"]
 
 StatisticsRule = Literal["lda", "ncm"]
+
+log = logging.getLogger(__name__)
 
 #: score given to classes without statistics (finite, so that softmax and cross-entropy stay finite)
 UNSEEN_CLASS_SCORE = -1e9
@@ -80,8 +83,13 @@ class StatisticsHead:
             raise ValueError(f"features have size {z.shape[1]}, the statistics were built with {self.features}")
         if not z.shape[0]:
             return
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError("features hold NaN or infinite values: the statistics would be lost for good")
+        finite = torch.isfinite(z).all(1)
+        if not bool(finite.all()):  # a NaN would spoil the statistics for good: leave those samples out
+            log.warning("%d of %d samples with non-finite features were left out of the class statistics",
+                        int((~finite).sum()), len(finite))
+            z, y = z[finite], y[finite]
+            if not z.shape[0]:
+                return
         if not len(self):
             self.means = z.new_zeros(0, z.shape[1])
             self.scatter = z.new_zeros(z.shape[1], z.shape[1])

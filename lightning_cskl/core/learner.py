@@ -175,6 +175,7 @@ class CenterKernelLearner:
         self.selected: dict[str, Tensor] = {}
         self.start_centers: dict[str, Tensor] = {}
         self.update_effect: dict[str, dict[str, float]] = {}
+        self.skipped_steps = 0
         # derived, rebuilt on demand
         self.projectors: dict[str, Tensor] = {}
         self.free_dims: dict[str, int] = {}
@@ -329,8 +330,13 @@ class CenterKernelLearner:
                 "head weight moved in this task; use more steps per task or a smaller score_batches",
                 self.scored_batches, self.config.score_batches,
             )
+        if self.skipped_steps:
+            log.warning("%d optimizer steps of this task had non-finite gradients and were skipped (nothing moved "
+                        "in them); NaN or infinite inputs, or a learning rate too large, cause this",
+                        self.skipped_steps)
         self.record(run_forward)
         self.phase = IDLE
+        self.skipped_steps = 0
         self.score_sums, self.projectors, self._grad_masks, self._snapshots = {}, {}, {}, {}
         self.start_centers = {}
         if fold:
@@ -352,6 +358,9 @@ class CenterKernelLearner:
                 run_forward()
         finally:
             model.train(was_training)
+        if collector.skipped:
+            log.warning("samples with non-finite center inputs were left out of the recorded covariances: %s",
+                        collector.skipped)
         new_covariances = {name: cov.detach().cpu() for name, cov in collector.covariances().items()}
         self.update_effect = self._measure_effect(new_covariances)
         for name, cov in new_covariances.items():
@@ -444,12 +453,26 @@ class CenterKernelLearner:
         While DCES scores a task, it adds the center gradients to the channel scores and drops every
         gradient, so the step that follows moves nothing (optimizers skip parameters without a gradient);
         a step with non-finite gradients (one the AMP scaler will skip) is not counted. Afterwards it zeroes
-        the gradients of unselected channels and non-center taps.
+        the gradients of unselected channels and non-center taps, and drops every gradient of a step whose
+        gradients are not finite (a NaN input, a diverging optimizer), so that nothing moves in that step, as
+        AMP does; such steps are counted in ``skipped_steps`` and reported when the task ends.
         """
         if self.phase == SCORING:
             self._score_step()
         elif self.phase == TRAINING:
-            self._mask_gradients()
+            if self._gradients_finite():
+                self._mask_gradients()
+            else:
+                self.skipped_steps += 1
+                for p in self.trainable_parameters():
+                    p.grad = None
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:
+            return True
+        with torch.no_grad():
+            return bool(torch.stack([g.detach().float().abs().sum() for g in grads]).isfinite().all())
 
 
     def _score_step(self) -> None:

@@ -65,6 +65,9 @@ class PrototypeMemory:
         """Accumulate the features of one batch (``(N, F)``, or ``(N, F, ...)`` flattened) by label."""
         features = features.detach().flatten(1).to(torch.float64).cpu()
         labels = labels.detach().cpu()
+        finite = torch.isfinite(features).all(1)
+        if not bool(finite.all()):  # a NaN prototype would make every later replay loss NaN
+            features, labels = features[finite], labels[finite]
         for label in labels.unique().tolist():
             rows = features[labels == label]
             self._sums[label] = self._sums[label] + rows.sum(0) if label in self._sums else rows.sum(0)
