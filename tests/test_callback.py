@@ -254,3 +254,48 @@ def test_statistics_head_answers_in_eval_mode_and_keeps_old_classes(digit_tasks)
     assert torch.equal(copy_cb.statistics.means, cb.statistics.means)
     with pytest.raises(ValueError, match="statistics_head='knn' is not allowed"):
         CenterKernelCallback(statistics_head="knn")
+
+
+def test_resume_from_an_on_exception_checkpoint_continues_the_task(digit_tasks, tmp_path):
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=2)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_task(model, cb, digit_tasks[1], 1, epochs=3, enable_checkpointing=True,
+                 extra_callbacks=[Crash(2), OnExceptionCheckpoint(tmp_path, filename="crash")])
+    saved = torch.load(tmp_path / "crash.ckpt", weights_only=True, map_location="cpu")
+    state = next(v for k, v in saved["callbacks"].items() if "CenterKernelCallback" in k)
+    assert state["phase"] == "training" and state["tasks_seen"] == 1  # written before anything was reset
+    # a fresh callback and the same model resume the task from that file and finish it
+    resumed = CenterKernelCallback(score_batches=2)
+    fit_task(model, resumed, digit_tasks[1], 1, epochs=3, ckpt_path=str(tmp_path / "crash.ckpt"),
+             enable_checkpointing=True)
+    assert resumed.learner.tasks_seen == 2 and resumed.learner.phase == "idle"
+    assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+
+
+def test_the_end_of_task_pass_honours_record_batches_and_the_trainers_limits(digit_tasks):
+    seen = []
+
+    def forward(module, batch):
+        seen.append(len(batch[0]))
+        return module(batch[0])
+
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=1, forward_fn=forward, record_batches=2)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    assert len(seen) == 2
+    seen.clear()
+    cb.record_batches = None
+    fit_task(model, cb, digit_tasks[1], 1, epochs=1, limit_train_batches=3)
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match="record_batches=0 is not allowed"):
+        CenterKernelCallback(record_batches=0)
+
+
+def test_a_train_also_typo_fails_when_the_first_fit_starts(digit_tasks):
+    cb = CenterKernelCallback(train_also=["heads.9"])
+    with pytest.raises(ValueError, match=r"train_also lists \['heads.9'\], which are not modules of TaskClassifier"):
+        fit_task(make_model(), cb, digit_tasks[0], 0, epochs=1)

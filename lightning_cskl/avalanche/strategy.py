@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
+from ..core.learner import resolve_train_also
 from ..core.head import StatisticsHead, StatisticsRule
 from ..core.prototypes import PrototypeMemory
 
@@ -257,9 +258,11 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
 
         Raises:
             NoEligibleLayerError: ``layers`` selects no convolution whose center can train.
-            ValueError: prototype replay is forced on and no head is found.
+            ValueError: ``train_also`` names no module of the model, or prototype replay / a statistics head is
+                asked for and no head is found.
         """
         resolve_layers(model, self.config.layers)
+        resolve_train_also(model, self.config.train_also)
         self._resolve_statistics(model)
         self._check_statistics(model)
         if self.prototype_replay is True or self.statistics is not None or (

@@ -36,7 +36,7 @@ from .covariance import CovarianceCollector
 from .projection import layer_projector, project_update
 from .selection import channel_scores, select_channels
 
-__all__ = ["CenterKernelLearner", "resolve_layers", "NoEligibleLayerError"]
+__all__ = ["CenterKernelLearner", "resolve_layers", "resolve_train_also", "NoEligibleLayerError"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,34 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
     return [n for n, _ in chosen]
 
 
+def resolve_train_also(model: nn.Module, spec: Optional[str | list[str]]) -> list[str]:
+    """Qualified names of the modules that ``train_also`` trains fully besides the centers.
+
+    Raises:
+        ValueError: a listed name or a regex matches no module of ``model``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+        >>> resolve_train_also(net, "auto"), resolve_train_also(net, ["0"])
+        (['2'], ['0'])
+    """
+    if spec is None:
+        return []
+    if spec == "auto":
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    modules = [n for n, _ in model.named_modules() if n]
+    if isinstance(spec, list):
+        missing = [n for n in spec if n not in modules]
+        if missing:
+            raise ValueError(f"train_also lists {missing}, which are not modules of {type(model).__name__}")
+        return list(spec)
+    names = [n for n in modules if _matches(spec, n)]
+    if not names:
+        raise ValueError(f"train_also={spec!r} matches no module of {type(model).__name__} (a string other than "
+                         "'auto' is a regex matched in full against qualified names)")
+    return names
+
+
 @dataclass
 class _Layer:
     """What the learner knows about one trained layer; the live module is looked up by name."""
@@ -196,6 +224,7 @@ class CenterKernelLearner:
         if self.model is model and self.layers:
             return
         names = resolve_layers(model, self.config.layers)
+        resolve_train_also(model, self.config.train_also)  # a typo fails now, not when the first incremental task starts
         if self.covariances and set(self.covariances) != set(names):
             raise ValueError(
                 f"the model's trained layers {names} differ from the layers this learner protects "
@@ -300,16 +329,7 @@ class CenterKernelLearner:
                     self._frozen_bn.append(module)
 
     def _train_also_modules(self) -> list[str]:
-        spec = self.config.train_also
-        if spec is None:
-            return []
-        model = self._require_model()
-        if spec == "auto":
-            return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        names = [n for n, _ in model.named_modules() if n and _matches(spec, n)]
-        if not names:
-            raise ValueError(f"train_also={spec!r} matches no module of {type(model).__name__}")
-        return names
+        return resolve_train_also(self._require_model(), self.config.train_also)
 
     def _release_batchnorm(self) -> None:
         for module in self._frozen_bn:
@@ -580,6 +600,12 @@ class CenterKernelLearner:
             device = next(iter(self.model.parameters())).device
             self.score_sums = {n: t.to(device) for n, t in self.score_sums.items()}
             self.apply_trainability()
+
+    def suspend(self) -> None:
+        """Undo what the task did to the model's modules (frozen BatchNorm) and keep the task's state, so that a
+        checkpoint written now can resume it (:meth:`begin_task` re-applies everything)."""
+        self._snapshots = {}
+        self._release_batchnorm()
 
     def abort_task(self) -> None:
         """Forget an unfinished task (after an exception); the model stays as it is, hooks are removed."""

@@ -101,6 +101,9 @@ class CenterKernelCallback(Callback):
             ``nn.Linear``); used by the statistics head.
         target_fn: ``batch -> labels`` for the statistics head (default: :func:`default_batch_target`).
         shrinkage: ε of the ``"lda"`` statistics head.
+        record_batches: batches of the training loader read at the end of a task for the covariance and the
+            statistics (None: as many as the Trainer's ``limit_train_batches`` allows; a loader without a
+            length, such as an infinite ``IterableDataset``, then needs ``record_batches``).
 
     Example:
         >>> cb = CenterKernelCallback(channel_ratio=0.75)
@@ -118,9 +121,16 @@ class CenterKernelCallback(Callback):
         head: str = "auto",
         target_fn: Optional[Callable[[Any], Tensor]] = None,
         shrinkage: float = 1e-4,
+        record_batches: Optional[int] = None,
         **options: Any,
     ) -> None:
         self.learner = CenterKernelLearner(config, **options)
+        if record_batches is not None and (
+            isinstance(record_batches, bool) or not isinstance(record_batches, int) or record_batches < 1
+        ):
+            raise ValueError(f"record_batches={record_batches!r} is not allowed: use None or an int >= 1")
+        self.record_batches = record_batches
+        self._aborted = False
         self.forward_fn = forward_fn or _default_forward
         self.log_stats = log_stats
         self.statistics = StatisticsHead(statistics_head, shrinkage) if statistics_head is not None else None
@@ -157,6 +167,9 @@ class CenterKernelCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
+        if self._aborted:  # the last fit raised: start a fresh task, unless a checkpoint restores one after setup
+            self.learner.abort_task()
+            self._aborted = False
         self.learner.bind(pl_module)
         self.learner.begin_task()
 
@@ -206,8 +219,12 @@ class CenterKernelCallback(Callback):
             capture = self.head_module(pl_module).register_forward_pre_hook(
                 lambda module, args: features.append(args[0]))
 
+        limit = self._record_limit(trainer)
+
         def run_forward() -> None:
-            for batch in loader:
+            for index, batch in enumerate(loader):
+                if index >= limit:
+                    break
                 batch = trainer.strategy.batch_to_device(batch, device)
                 features.clear()
                 self.forward_fn(pl_module, batch)
@@ -221,10 +238,22 @@ class CenterKernelCallback(Callback):
                 capture.remove()
         rank_zero_info(f"CenterKernelCallback: task {self.learner.tasks_seen} done, branches folded back")
 
+    def _record_limit(self, trainer: L.Trainer) -> float:
+        """Batches the end-of-task pass reads: ``record_batches``, within the Trainer's ``limit_train_batches``."""
+        available = float(trainer.num_training_batches)
+        limit = min(available, float(self.record_batches)) if self.record_batches is not None else available
+        if limit == float("inf"):
+            raise ValueError("the training loader has no length (an infinite IterableDataset?): give "
+                             "CenterKernelCallback(record_batches=N) so that the end-of-task pass ends")
+        return limit
+
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # the learner's state stays as it is, so that a checkpoint written now (OnExceptionCheckpoint runs after
+        # this hook) can resume the task; the next setup starts a fresh task unless that checkpoint is loaded
         self._remove_optimizer_hooks()
-        self.learner.abort_task()
+        self.learner.suspend()
+        self._aborted = True
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
