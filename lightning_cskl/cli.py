@@ -238,7 +238,11 @@ def _custom_benchmark(spec: str):
     except (ImportError, AttributeError) as error:
         raise UsageError(f"data.benchmark={spec!r}: cannot load {function_name!r} from module {module_name!r} "
                          f"({error})") from None
-    return factory()
+    benchmark = factory()
+    if not all(hasattr(benchmark, stream) for stream in ("train_stream", "test_stream")):
+        raise UsageError(f"data.benchmark={spec!r} returned a {type(benchmark).__name__}, not an Avalanche benchmark "
+                         "(an object with train_stream and test_stream)")
+    return benchmark
 
 
 def build_benchmark(options: DataOptions):
@@ -415,6 +419,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     _check(config)
     name = config.name or f"{Path(config.data.benchmark.split(':')[-1]).name}-{config.data.scenario}-{config.method}"
     folder = Path(config.output_dir) / name
+    _check_writable(folder)  # before the data loads
     began = time.perf_counter()
     benchmark = build_benchmark(config.data)
 
@@ -488,7 +493,9 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "No loggers specified")  # with wandb.mode=disabled, on purpose
-            result = run_continual(benchmark, make_strategy, checkpoint=checkpoint, resume=config.resume, progress=config.progress, loggers=[logger] if logger else [])
+            identity = {k: v for k, v in plain_config.items() if k not in _RESUME_FREE}
+            result = run_continual(benchmark, make_strategy, checkpoint=checkpoint, resume=config.resume,
+                                   progress=config.progress, loggers=[logger] if logger else [], identity=identity)
     finally:
         if logger is not None:
             logger.finish()
@@ -501,6 +508,18 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
                  f"{name}\nACC {summary['acc']:.3f}, AIA {summary['aia']:.3f}, forgetting {summary['forgetting']:.3f}")
     _report(result, summary, folder, logger, seconds)
     return results
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse an output folder that cannot be created or written, naming it and the reason."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".cskl-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"output folder {folder} cannot be written ({error.strerror or error}): choose another "
+                         "output_dir or name") from None
 
 
 # what may differ between an interrupted run and its resumption
@@ -713,14 +732,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _execute(prog: str, function: Callable[[Any], Any], config: Any) -> None:
-    from .avalanche import EmptyExperienceError, NoDataError
+    from .avalanche import CheckpointError, EmptyExperienceError, NoDataError
     from .core import NoEligibleLayerError
     from .data import DataNotFoundError
 
     try:
         function(config)
-    except (DataNotFoundError, NoDataError, EmptyExperienceError, NoEligibleLayerError, UsageError) as error:
+    except (DataNotFoundError, NoDataError, EmptyExperienceError, NoEligibleLayerError, UsageError,
+            CheckpointError) as error:
         _fail(prog, str(error))
+    except OSError as error:  # a file could not be written (a full disk, a read-only folder)
+        _fail(prog, error.strerror if error.strerror and "could not write" in error.strerror else str(error))
 
 
 if __name__ == "__main__":

@@ -231,3 +231,41 @@ def test_domain_and_cross_dataset_data_options_are_refused_where_they_do_not_app
         assert "train.device='cuda' is not allowed here: this machine has no CUDA device" in _error(
             capsys, ["run", "--train.device", "cuda"])
     assert "batch_size=0 is not allowed" in _error(capsys, ["bench", "--batch_size", "0"])
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, capsys):
+    quick = ["--output_dir", str(tmp_path), *QUICK, "--wandb.mode", "disabled", "--train.epochs", "1"]
+    main(["run", "--name", "ours", *quick])
+    main(["run", "--name", "theirs", "--method", "naive", *quick])
+    capsys.readouterr()
+    checkpoint = tmp_path / "ours" / "checkpoint.pt"
+    # another run's checkpoint beside this run's config.json: the checkpoint carries its own identity
+    checkpoint.write_bytes((tmp_path / "theirs" / "checkpoint.pt").read_bytes())
+    err = _error(capsys, ["run", "--name", "ours", *quick, "--resume", "true"])
+    assert "was written by another run (method differ)" in err
+    for damaged in (b"", b"\x00garbage" * 10, (tmp_path / "theirs" / "checkpoint.pt").read_bytes()[:500]):
+        checkpoint.write_bytes(damaged)
+        assert "cannot be read as a checkpoint" in _error(capsys, ["run", "--name", "ours", *quick, "--resume", "true"])
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_the_data_loads(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    err = _error(capsys, ["run", "--output_dir", str(blocker), "--data.benchmark", "fashion_mnist",
+                          "--data.source", str(tmp_path / "no-data-here")])
+    assert f"output folder {blocker}" in err and "cannot be written" in err  # not the missing-data error
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from lightning_cskl.avalanche import run as run_module
+
+    def full_disk(value, path):  # what torch.save meets on a full disk
+        open(path, "wb").write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*state.pt: the disk is full"):
+        run_module._save_atomically({"x": 1}, tmp_path / "state.pt")
+    assert list(tmp_path.iterdir()) == []

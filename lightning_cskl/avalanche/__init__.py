@@ -5,13 +5,15 @@ checkpoint/resume and the accuracy matrix)."""
 from .models import ClassIncrementalNet, TaskIncrementalNet
 from ..core.prototypes import PrototypeMemory
 from .run import (
-    ContinualResult, NoDataError, accuracy_summary, load_checkpoint, run_continual, save_checkpoint, train_base,
+    CheckpointError, ContinualResult, NoDataError, accuracy_summary, load_checkpoint, run_continual, save_checkpoint,
+    train_base,
 )
 from .strategy import CSKLPlugin, CSKLStrategy, EmptyExperienceError, find_head
 from .wandb_logger import WandbLogger, read_offline_run
 
 __all__ = [
     "CSKLPlugin",
+    "CheckpointError",
     "CSKLStrategy",
     "ClassIncrementalNet",
     "ContinualResult",

@@ -9,6 +9,8 @@ Avalanche's own ``save_checkpoint`` pickles whole objects and fails with this st
 
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
 import random
@@ -25,6 +27,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
 __all__ = [
+    "CheckpointError",
     "ContinualResult",
     "NoDataError",
     "accuracy_summary",
@@ -32,6 +35,7 @@ __all__ = [
     "run_continual",
     "save_checkpoint",
     "train_base",
+    "with_class_metadata",
 ]
 
 CHECKPOINT_FORMAT = "lightning_cskl.avalanche.run/1"
@@ -42,6 +46,28 @@ StrategyFactory = Callable[[EvaluationPlugin], SupervisedTemplate]
 
 class NoDataError(ValueError):
     """The benchmark has no experiences (or no samples) to train or evaluate on."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or was written by another run."""
+
+
+def with_class_metadata(benchmark: Any) -> Any:
+    """``benchmark`` with ``classes_in_this_experience`` on its experiences, which expanding heads need.
+
+    Benchmarks of Avalanche's ``benchmark_from_datasets`` lack it; they get Avalanche's own
+    ``with_classes_timeline``. Others are returned unchanged.
+    """
+    stream = getattr(benchmark, "train_stream", None)
+    try:
+        if not stream or not len(stream):
+            return benchmark
+        stream[0].classes_in_this_experience
+    except AttributeError:
+        from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+
+        return with_classes_timeline(benchmark)
+    return benchmark
 
 
 def accuracy_summary(accuracy: Sequence[Sequence[float]]) -> dict[str, float]:
@@ -139,9 +165,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    path: Union[str, os.PathLike], strategy: SupervisedTemplate, next_experience: int, accuracy: list[list[float]]
+    path: Union[str, os.PathLike], strategy: SupervisedTemplate, next_experience: int, accuracy: list[list[float]],
+    identity: Optional[Mapping[str, Any]] = None,
 ) -> None:
-    """Write the state of a run between experiences (atomically: a crash never leaves half a file)."""
+    """Write the state of a run between experiences (atomically: a crash never leaves half a file); ``identity``
+    (JSON values, e.g. the method and config) is stored with it and checked on resume."""
     evaluator = strategy.evaluator
     results = {}
     for name, (xs, ys) in evaluator.get_all_metrics().items():
@@ -158,24 +186,47 @@ def save_checkpoint(
         "clock": {k: v for k, v in vars(strategy.clock).items() if isinstance(v, int)},
         "evaluator": results,
         "rng": _rng_state(),
+        "identity": json.loads(json.dumps(dict(identity))) if identity is not None else None,
     }
     _save_atomically(state, path)
 
 
 def _save_atomically(value: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` through a partial file and a rename: a crash never leaves half a file."""
+    """``torch.save`` through a partial file and a rename: a crash never leaves half a file, and a failed write
+    (a full disk) leaves no partial file and says why."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save(value, partial)
+    try:
+        torch.save(value, partial)
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as RuntimeError
+        partial.unlink(missing_ok=True)
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+        reason = "the disk is full" if full else str(error)
+        raise OSError(errno.ENOSPC if full else getattr(error, "errno", None) or errno.EIO,
+                      f"could not write {path}: {reason} (the previous file, if any, is unchanged)") from error
     os.replace(partial, path)
 
 
-def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Union[str, os.PathLike], identity: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file is empty, truncated or foreign, or (with ``identity``) it was written by a
+            run with another identity (e.g. another method or config).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an empty, truncated or random file: pickle, zip and torch raise all kinds
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}); delete it or start "
+                              "afresh without resuming") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of lightning_cskl.avalanche.run_continual")
+        raise CheckpointError(f"{path} is not a checkpoint of lightning_cskl.avalanche.run_continual")
+    if identity is not None and state.get("identity") != json.loads(json.dumps(dict(identity))):
+        saved = state.get("identity") or {}
+        changed = sorted(k for k in {*saved, *identity} if saved.get(k) != json.loads(json.dumps(identity.get(k))))
+        raise CheckpointError(f"{path} was written by another run ({', '.join(changed) or 'identity'} differ): resume "
+                              "with the same settings, or start afresh")
     return state
 
 
@@ -243,6 +294,7 @@ def run_continual(
     loggers: Sequence[Any] = (),
     eval_stream: Optional[Sequence[Any]] = None,
     base: Union[str, os.PathLike, Mapping[str, Any], None] = None,
+    identity: Optional[Mapping[str, Any]] = None,
 ) -> ContinualResult:
     """Train on every experience of ``benchmark.train_stream``; after each, evaluate on the whole test stream.
 
@@ -264,6 +316,8 @@ def run_continual(
             strategy's end-of-experience work (covariances, prototypes, Fisher importances...) runs on them,
             and the run is evaluated and goes on as usual. Every method given the same ``base`` starts its
             incremental experiences from the same checkpoint (PROTOCOL.md).
+        identity: what identifies the run (JSON values, e.g. the method and its config): written into the
+            checkpoint, and a checkpoint written with another identity is refused on resume.
 
     Returns:
         A :class:`ContinualResult` (accuracy matrix, ACC, AIA, forgetting, BWT).
@@ -278,6 +332,7 @@ def run_continual(
     """
     from tqdm.auto import tqdm
 
+    benchmark = with_class_metadata(benchmark)
     train_stream = list(getattr(benchmark, "train_stream", None) or [])
     eval_stream = list(eval_stream if eval_stream is not None else getattr(benchmark, "test_stream", None) or [])
     if not train_stream or not eval_stream:
@@ -295,7 +350,7 @@ def run_continual(
     accuracy: list[list[float]] = []
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint, identity)
         _restore(strategy, state, train_stream, eval_stream)
         accuracy = [list(row) for row in state["accuracy"]]
         start = state["next_experience"]
@@ -319,7 +374,7 @@ def run_continual(
             metrics = strategy.eval(eval_stream)
             accuracy.append(_accuracy_row(metrics, len(eval_stream)))
             if checkpoint is not None:
-                save_checkpoint(checkpoint, strategy, index + 1, accuracy)
+                save_checkpoint(checkpoint, strategy, index + 1, accuracy, identity)
             seen = accuracy[-1][: index + 1]
             bar.set_postfix(seen_acc=f"{sum(seen) / len(seen):.3f}")
             bar.update(1)
