@@ -102,7 +102,7 @@ def main() -> None:
                             plugins=list(plugins), **options)
 
     base = train_base(benchmark, lambda ev: make("full_finetune", ev))
-    print(f"| run | ACC | forgetting | last row | a[i][i] |\n|---|---|---|---|---|")
+    print("| run | ACC | forgetting | last row | a[i][i] |\n|---|---|---|---|---|")
 
     def show(name: str, result: Any) -> None:
         last = " / ".join(f"{a * 100:.1f}" for a in result.accuracy[-1])

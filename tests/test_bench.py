@@ -180,3 +180,21 @@ def test_claims_are_checked_from_the_measured_means(bench):
     assert f"| backward FLOPs ≤ 10% of gpm's | {backward:.1%} |" in text
     assert "adam_nscl" not in text  # methods that did not run are left out
     assert claims_markdown(table, ours="csko") == ""
+
+
+def test_equal_compute_gives_cheaper_steps_more_epochs_and_gains_are_relative_to_head_replay():
+    table = run_bench(["full_finetune", "head_replay", "slda"], scenarios=("class",), seeds=(0,),
+                      benchmark=_small_benchmark, epochs=2, equal_compute=True, time_steps=False, progress=False)
+    rows = {r["method"]: r for r in table.runs}
+    full, head = rows["full_finetune"], rows["head_replay"]
+    assert full["epochs"] == 2 and rows["slda"]["epochs"] == 0  # the reference, and a method that never trains
+    budget = 2 * full["flops"] / head["flops"]  # the head-only step is far cheaper, so it gets more epochs
+    assert head["epochs"] > 2 and abs(head["epochs"] - budget) <= 1
+    assert head["adaptation_gain"] == 0.0
+    assert rows["slda"]["adaptation_gain"] == pytest.approx(rows["slda"]["acc"] - head["acc"])
+
+
+def test_statistics_head_methods_are_skipped_in_the_task_scenario():
+    table = run_bench(["last_layer", "slda"], scenarios=("task",), seeds=(0,), benchmark=_small_benchmark,
+                      epochs=1, time_steps=False, progress=False)
+    assert [r["method"] for r in table.runs] == ["last_layer"]

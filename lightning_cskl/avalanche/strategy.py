@@ -15,8 +15,9 @@ after_training_exp             ``end_task``: center-input covariance of the expe
 =============================  ==================================================================
 
 Class-incremental runs with one expanding head add the prototype replay of METHOD.md §4
-(:class:`~lightning_cskl.core.prototypes.PrototypeMemory`): the logits are divided by τ and a loss on
-old-class prototypes passed through the head is added before backward.
+(:class:`~lightning_cskl.core.prototypes.PrototypeMemory`): the loss is taken on the logits divided by τ and a
+loss on old-class prototypes passed through the head is added before backward; and, by default, they are
+evaluated with an LDA statistics head (:class:`~lightning_cskl.core.head.StatisticsHead`) of the head's input.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import warnings
 import typing
+import warnings
 from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -40,8 +41,8 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
-from ..core.learner import resolve_train_also
 from ..core.head import StatisticsHead, StatisticsRule
+from ..core.learner import resolve_train_also
 from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head"]
@@ -109,7 +110,8 @@ class PrototypeReplayHooks(SupervisedPlugin):
     """The classifier-side hooks shared by every plugin that offers them: prototype replay (METHOD.md §4) and a
     statistics head.
 
-    While a subclass has set ``_replay_head`` for the current experience, logits are divided by τ and the
+    While a subclass has set ``_replay_head`` for the current experience, the strategy's loss term is taken on
+    the logits divided by τ (``strategy.mb_output`` itself stays unscaled for other plugins and metrics) and the
     loss on old-class prototypes passed through that head is added before backward (``self.memory``, a
     :class:`~lightning_cskl.core.prototypes.PrototypeMemory`, does the math). With ``self.statistics`` set (a
     :class:`~lightning_cskl.core.head.StatisticsHead`), the head's input features of every finished experience
@@ -204,7 +206,7 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             the trained head (:class:`~lightning_cskl.core.head.StatisticsHead`; class means, plus a shared
             covariance for ``"lda"``, updated from every experience's features at its end); None: the trained
             head; ``"auto"`` (default): ``"lda"`` for single-head models (class- and domain-incremental; it
-            beat the trained head by 27 to 30 points on every class-incremental run in BENCHMARKS.md), None for
+            beat the trained head by 22 to 61 points on every single-head run in BENCHMARKS.md), None for
             Avalanche ``MultiTaskModule`` models.
         shrinkage: ε of the ``"lda"`` statistics head.
         **options: fields of :class:`~lightning_cskl.core.CenterKernelConfig`.

@@ -166,6 +166,17 @@ class _Layer:
     in_place: bool  # the conv's own weight trains (1×1 conv, or mask mode)
 
 
+def _relative_output_change(before: Tensor, after: Tensor, cov: Optional[Tensor], groups: int) -> float:
+    """``sqrt(tr(ΔW Σ ΔWᵀ) / tr(W Σ Wᵀ))`` for center weights ``(D, C/g)`` before and after an update and a
+    per-group covariance ``(g, C/g, C/g)`` of their inputs (``nan`` without a covariance or an output)."""
+    if cov is None:
+        return float("nan")
+    grouped = [w.to(torch.float64).reshape(groups, w.shape[0] // groups, -1) for w in (after - before, before)]
+    cov = cov.to(torch.float64)
+    moved, base = (torch.einsum("gdc,gce,gde->", w, cov, w) for w in grouped)
+    return float((moved / base).clamp_min(0).sqrt()) if base > 0 else float("nan")
+
+
 class CenterKernelLearner:
     """The method, independent of any training framework.
 
@@ -224,7 +235,7 @@ class CenterKernelLearner:
         if self.model is model and self.layers:
             return
         names = resolve_layers(model, self.config.layers)
-        resolve_train_also(model, self.config.train_also)  # a typo fails now, not when the first incremental task starts
+        resolve_train_also(model, self.config.train_also)  # a typo fails now, not when task 2 starts
         if self.covariances and set(self.covariances) != set(names):
             raise ValueError(
                 f"the model's trained layers {names} differ from the layers this learner protects "
@@ -397,21 +408,10 @@ class CenterKernelLearner:
         """
         effect: dict[str, dict[str, float]] = {}
         for name, start in self.start_centers.items():
-            layer = self.layers[name]
-            now = self._center_view(name, self.trained_tensor(name)).detach().cpu().to(torch.float64)
-            start = start.to(torch.float64)
-            grouped = lambda w: w.reshape(layer.groups, w.shape[0] // layer.groups, -1)  # noqa: E731
-            delta, before = grouped(now - start), grouped(start)
-
-            def relative(cov: Optional[Tensor]) -> float:
-                if cov is None:
-                    return float("nan")
-                cov = cov.to(torch.float64)
-                moved = torch.einsum("gdc,gce,gde->", delta, cov, delta)
-                base = torch.einsum("gdc,gce,gde->", before, cov, before)
-                return float((moved / base).clamp_min(0).sqrt()) if base > 0 else float("nan")
-
-            effect[name] = {"new": relative(new_covariances.get(name)), "old": relative(self.covariances.get(name))}
+            now = self._center_view(name, self.trained_tensor(name)).detach().cpu()
+            groups = self.layers[name].groups
+            effect[name] = {data: _relative_output_change(start, now, cov, groups)
+                            for data, cov in (("new", new_covariances.get(name)), ("old", self.covariances.get(name)))}
             log.info("layer %s: the task's center update changed the center output by %.3g on its own inputs and "
                      "%.3g on old tasks' inputs (relative)", name, effect[name]["new"], effect[name]["old"])
         return effect
