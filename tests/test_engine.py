@@ -219,18 +219,20 @@ def test_base_task_trains_all_parameters_and_records():
     assert learner.tasks_seen == 1 and "conv2" in learner.covariances
 
 
-def test_base_task_with_decoupled_structure_equals_plain_training():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_base_task_with_decoupled_structure_equals_plain_training(weight_decay):
     torch.manual_seed(0)
     plain, wired = Net(), Net()
     wired.load_state_dict(plain.state_dict())
     x, y = torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,))
-    opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay)
     for step in range(4):
         opt.zero_grad()
         nn.functional.cross_entropy(plain(x[step * 8:(step + 1) * 8]), y[step * 8:(step + 1) * 8]).backward()
         opt.step()
     learner = CenterKernelLearner(layers=["conv2", "conv3"], first_task="full")
-    train(learner, wired, x, y, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=4, batch=8)
+    train(learner, wired, x, y, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=weight_decay),
+          steps=4, batch=8)
     learner.end_task(lambda: wired(x[:4]))
     for key, value in plain.state_dict().items():
         assert torch.allclose(wired.state_dict()[key], value, atol=1e-5), key

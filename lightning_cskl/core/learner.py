@@ -303,6 +303,7 @@ class CenterKernelLearner:
             }
             if self.is_base_task:
                 self.phase = BASE
+                self._centers_into_kernels()
             elif self.config.selection == "gradient":
                 self.phase = SCORING
             else:
@@ -310,6 +311,17 @@ class CenterKernelLearner:
         elif self.phase == TRAINING:
             self._build_projectors()
         self.apply_trainability()
+
+    def _centers_into_kernels(self) -> None:
+        """For the base session: every branch's center goes back into its kernel (the branch holds zero), so that
+        the kernel trains whole, weight decay included, exactly as in plain training; the function is unchanged."""
+        model = self._require_model()
+        with torch.no_grad():
+            for name in self.layers:
+                module = model.get_submodule(name)
+                if isinstance(module, CenterDecoupledConv):
+                    fold_center(module)
+                    module.center.zero_()
 
     def apply_trainability(self) -> None:
         """Set ``requires_grad`` for the current phase (idempotent, cheap)."""
