@@ -701,6 +701,30 @@ def build_parser():
     return parser
 
 
+def _without_empty_configs(args: list[str]) -> list[str]:
+    """Drop ``--config FILE`` arguments whose file is empty or holds only comments: an empty config sets nothing
+    (jsonargparse would answer ``Unexpected config:``)."""
+    def empty(path: str) -> bool:
+        try:
+            return not any(line.strip() and not line.lstrip().startswith("#") for line in Path(path).read_text().splitlines())
+        except (OSError, UnicodeDecodeError):
+            return False  # missing or unreadable: jsonargparse says so itself
+
+    kept: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg in ("-c", "--config") and index + 1 < len(args) and empty(args[index + 1]):
+            index += 2
+            continue
+        if arg.startswith("--config=") and empty(arg.split("=", 1)[1]):
+            index += 1
+            continue
+        kept.append(arg)
+        index += 1
+    return kept
+
+
 def _fail(prog: str, message: str) -> None:
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(2)
@@ -712,7 +736,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     os.environ.setdefault("WANDB_SILENT", "true")
     parser = build_parser()
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _without_empty_configs(list(sys.argv[1:] if argv is None else argv))
     try:
         parsed = parser.parse_args(args)
         command = parsed.subcommand

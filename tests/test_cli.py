@@ -269,3 +269,14 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"could not write .*state.pt: the disk is full"):
         run_module._save_atomically({"x": 1}, tmp_path / "state.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_config_file_sets_nothing(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n\n")
+    parsed = build_parser().parse_args(["run"])
+    from lightning_cskl.cli import _without_empty_configs
+
+    args = _without_empty_configs(["run", "--config", str(empty), "--train.epochs", "3", f"--config={empty}"])
+    assert args == ["run", "--train.epochs", "3"]
+    assert build_parser().parse_args(args)["run"].train.epochs == 3 != parsed["run"].train.epochs
