@@ -22,7 +22,8 @@ def main(out_dir: str) -> None:
     L.seed_everything(0, verbose=False)
     tasks = split_digits(n_tasks=5, seed=0)
     model = make_model()
-    cb = CenterKernelCallback(score_batches=2)
+    # the statistics head reads the input of heads.0, which the end-of-task pass feeds (it calls model(x), task 0)
+    cb = CenterKernelCallback(score_batches=2, statistics_head="lda", head="heads.0")
     for t in range(2):
         model.current_task = t
         trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",
@@ -30,8 +31,9 @@ def main(out_dir: str) -> None:
                             enable_model_summary=False)
         trainer.fit(model, DataLoader(tasks[t].train, batch_size=16, shuffle=True))
     rank = trainer.global_rank
-    torch.save({"learner": cb.learner.state_dict(), "model": model.state_dict(),
-                "world_size": trainer.world_size}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"learner": cb.learner.state_dict(), "model": model.state_dict(), "world_size": trainer.world_size,
+                "statistics": cb.statistics.state_dict(), "samples": len(tasks[0].train) + len(tasks[1].train)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

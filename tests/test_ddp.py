@@ -1,4 +1,4 @@
-"""DDP (2 CPU processes, gloo): every rank holds identical covariances, selections and weights."""
+"""DDP (2 CPU processes, gloo): every rank holds identical covariances, selections, weights and class statistics."""
 
 import os
 import subprocess
@@ -23,3 +23,8 @@ def test_ddp_ranks_agree(tmp_path):
         assert torch.equal(first["selected"][name], second["selected"][name]), name
     for key, value in states[0]["model"].items():
         assert torch.equal(value, states[1]["model"][key]), key
+    # the statistics head summed both ranks' shards: every training sample counted once, on both ranks
+    stats = [s["statistics"] for s in states]
+    assert stats[0]["counts"].sum().item() == states[0]["samples"] and stats[0]["classes"].tolist() == [0, 1, 2, 3]
+    for key in ("classes", "counts", "means", "scatter"):
+        assert torch.allclose(stats[0][key].double(), stats[1][key].double()), key

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .center import center_input
 
-__all__ = ["CovarianceCollector", "center_covariance", "all_reduce_sum_"]
+__all__ = ["CovarianceCollector", "center_covariance", "all_reduce_max_", "all_reduce_sum_"]
 
 
 def center_covariance(x_center: Tensor, groups: int) -> tuple[Tensor, int]:
@@ -35,6 +35,13 @@ def center_covariance(x_center: Tensor, groups: int) -> tuple[Tensor, int]:
     vectors = x_center.detach().to(torch.float64).reshape(n, groups, c // groups, -1)
     vectors = vectors.permute(1, 2, 0, 3).reshape(groups, c // groups, -1)
     return vectors @ vectors.transpose(1, 2), vectors.shape[-1]
+
+
+def all_reduce_max_(tensor: Tensor) -> Tensor:
+    """Maximum of ``tensor`` in place across processes when torch.distributed runs with more than one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def all_reduce_sum_(tensor: Tensor) -> Tensor:

@@ -20,10 +20,11 @@ import logging
 from typing import Any, Literal, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["StatisticsHead", "StatisticsRule", "UNSEEN_CLASS_SCORE"]
+__all__ = ["ClassMoments", "StatisticsHead", "StatisticsRule", "UNSEEN_CLASS_SCORE"]
 
 StatisticsRule = Literal["lda", "ncm"]
 
@@ -31,6 +32,73 @@ log = logging.getLogger(__name__)
 
 #: score given to classes without statistics (finite, so that softmax and cross-entropy stay finite)
 UNSEEN_CLASS_SCORE = -1e9
+
+
+class ClassMoments:
+    """Sums of a stream of labelled features: per class the count and the feature sum, and ``Σ z zᵀ`` over all.
+    Sums add across batches and processes, so statistics collected on data shards can be merged exactly.
+
+    Example:
+        >>> moments = ClassMoments()
+        >>> moments.add(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([2, 2]))
+        >>> moments.counts.tolist(), moments.sums[2].tolist()
+        ([0.0, 0.0, 2.0], [4.0, 0.0])
+    """
+
+    def __init__(self) -> None:
+        self.counts: Optional[Tensor] = None  # (K,), float64
+        self.sums: Optional[Tensor] = None  # (K, F)
+        self.outer: Optional[Tensor] = None  # (F, F)
+
+    def add(self, features: Tensor, labels: Tensor) -> None:
+        """Add a batch (``(N, F)`` or ``(N, F, ...)`` features, ``(N,)`` integer labels ≥ 0); samples with
+        non-finite features are left out.
+
+        Raises:
+            ValueError: shapes disagree, or the feature size differs from earlier batches.
+        """
+        z = features.detach().flatten(1).to(device="cpu", dtype=torch.float64)
+        y = labels.detach().to("cpu", torch.long).reshape(-1)
+        if z.shape[0] != y.shape[0]:
+            raise ValueError(f"features hold {z.shape[0]} samples and labels {y.shape[0]}: they must match")
+        if self.sums is not None and z.shape[1] != self.sums.shape[1]:
+            raise ValueError(f"features have size {z.shape[1]}, earlier batches had {self.sums.shape[1]}")
+        finite = torch.isfinite(z).all(1)
+        if not bool(finite.all()):
+            log.warning("%d of %d samples with non-finite features were left out of the class statistics",
+                        int((~finite).sum()), len(finite))
+            z, y = z[finite], y[finite]
+        if not z.shape[0]:
+            return
+        self._grow(int(y.max()) + 1, z.shape[1])
+        self.counts.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+        self.sums.index_add_(0, y, z)
+        self.outer += z.T @ z
+
+    def _grow(self, classes: int, features: int) -> None:
+        if self.sums is None:
+            self.counts = torch.zeros(0, dtype=torch.float64)
+            self.sums = torch.zeros(0, features, dtype=torch.float64)
+            self.outer = torch.zeros(features, features, dtype=torch.float64)
+        if classes > len(self.counts):
+            extra = classes - len(self.counts)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
+
+    def all_reduce_(self, features: int) -> "ClassMoments":
+        """Sum these moments over the processes of torch.distributed (a no-op in a single process); ``features``
+        is the feature size, for processes that saw no sample. Returns ``self``."""
+        from .covariance import all_reduce_max_, all_reduce_sum_
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self
+        # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        classes = torch.tensor([len(self.counts) if self.counts is not None else 0], dtype=torch.float64)
+        self._grow(int(all_reduce_max_(classes.to(device)).item()), features)
+        self.counts, self.sums, self.outer = (all_reduce_sum_(t.to(device)).cpu()
+                                              for t in (self.counts, self.sums, self.outer))
+        return self
 
 
 class StatisticsHead:
@@ -71,33 +139,36 @@ class StatisticsHead:
     # ------------------------------------------------------------------ statistics
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Add a batch: ``features`` ``(N, F)`` (or ``(N, F, ...)``, flattened) with integer ``labels`` ``(N,)``.
+        Samples with non-finite features are left out (a NaN would spoil the statistics for good).
 
         Raises:
             ValueError: shapes disagree, or the feature size differs from earlier batches.
         """
-        z = features.detach().flatten(1).to(device="cpu", dtype=torch.float64)
-        y = labels.detach().to("cpu", torch.long).reshape(-1)
-        if z.shape[0] != y.shape[0]:
-            raise ValueError(f"features hold {z.shape[0]} samples and labels {y.shape[0]}: they must match")
-        if len(self) and z.shape[1] != self.features:
-            raise ValueError(f"features have size {z.shape[1]}, the statistics were built with {self.features}")
-        if not z.shape[0]:
+        moments = ClassMoments()
+        moments.add(features, labels)
+        self.add_moments(moments)
+
+    def add_moments(self, moments: "ClassMoments") -> None:
+        """Merge the statistics of many batches at once (e.g. summed across processes with
+        :meth:`ClassMoments.all_reduce_`): exactly what :meth:`update` with all of them would give.
+
+        Raises:
+            ValueError: the feature size differs from earlier batches.
+        """
+        if moments.counts is None or not bool((moments.counts > 0).any()):
             return
-        finite = torch.isfinite(z).all(1)
-        if not bool(finite.all()):  # a NaN would spoil the statistics for good: leave those samples out
-            log.warning("%d of %d samples with non-finite features were left out of the class statistics",
-                        int((~finite).sum()), len(finite))
-            z, y = z[finite], y[finite]
-            if not z.shape[0]:
-                return
+        features = moments.sums.shape[1]
+        if len(self) and features != self.features:
+            raise ValueError(f"features have size {features}, the statistics were built with {self.features}")
         if not len(self):
-            self.means = z.new_zeros(0, z.shape[1])
-            self.scatter = z.new_zeros(z.shape[1], z.shape[1])
-        for label in y.unique().tolist():
-            rows = z[y == label]
-            n_b, mean_b = float(rows.shape[0]), rows.mean(0)
-            centered = rows - mean_b
-            self.scatter += centered.T @ centered
+            self.means = torch.zeros(0, features, dtype=torch.float64)
+            self.scatter = torch.zeros(features, features, dtype=torch.float64)
+        present = (moments.counts > 0).nonzero().squeeze(1)
+        counts, sums = moments.counts[present], moments.sums[present]
+        # within-class scatter of the new samples: Σ z zᵀ − Σ_c s_c s_cᵀ / n_c
+        self.scatter += moments.outer - (sums.T / counts) @ sums
+        for label, n_b, total in zip(present.tolist(), counts.tolist(), sums):
+            mean_b = total / n_b
             index = (self.classes == label).nonzero()
             if len(index):
                 i = int(index[0, 0])

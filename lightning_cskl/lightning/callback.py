@@ -14,7 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
-from ..core.head import StatisticsHead, StatisticsRule
+from ..core.head import ClassMoments, StatisticsHead, StatisticsRule
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
 
@@ -215,6 +215,7 @@ class CenterKernelCallback(Callback):
         device = pl_module.device
         features: list[Tensor] = []
         capture = None
+        moments = ClassMoments()  # summed over DDP ranks after the pass: each rank reads its own shard
         if self.statistics is not None:
             capture = self.head_module(pl_module).register_forward_pre_hook(
                 lambda module, args: features.append(args[0]))
@@ -229,13 +230,18 @@ class CenterKernelCallback(Callback):
                 features.clear()
                 self.forward_fn(pl_module, batch)
                 if self.statistics is not None and features:
-                    self.statistics.update(features[-1], self.target_fn(batch))
+                    moments.add(features[-1], self.target_fn(batch))
 
         try:
             self.learner.end_task(run_forward)
         finally:
             if capture is not None:
                 capture.remove()
+        if self.statistics is not None:
+            # a rank that saw no sample still takes part in the reduction, with the head's input size
+            size = moments.sums.shape[1] if moments.sums is not None else getattr(self.head_module(pl_module),
+                                                                                  "in_features", 0)
+            self.statistics.add_moments(moments.all_reduce_(size))
         rank_zero_info(f"CenterKernelCallback: task {self.learner.tasks_seen} done, branches folded back")
 
     def _record_limit(self, trainer: L.Trainer) -> float:
