@@ -19,7 +19,7 @@ from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
 from lightning_cskl.avalanche import ClassIncrementalNet, run_continual, train_base
-from lightning_cskl.avalanche.baselines import build_method
+from lightning_cskl.experiments.baselines import build_method
 from lightning_cskl.avalanche.strategy import find_head
 from lightning_cskl.data.shifts import fashion_mnist_domains
 from lightning_cskl.models import SmallCNN

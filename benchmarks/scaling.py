@@ -11,7 +11,7 @@ Table 2 (number of tasks): projection state after T = 1..N tasks of different sy
 (per-task mean image and low-rank structure), for CsKO + DCES (``CenterKernelLearner.projection_state_bytes``),
 GPM as implemented here (the plugin's ``projection_state_bytes``: summed full-kernel covariances + free
 bases) and GPM as published (the basis M of old representations, grown after each task; see
-``lightning_cskl.scaling.PublishedGpmMemory``).
+``lightning_cskl.experiments.scaling.PublishedGpmMemory``).
 
     python benchmarks/scaling.py --threads 1 [--widths 10 20 40] [--tasks 10] [--markdown outputs/scaling.md]
 """
@@ -33,11 +33,11 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_cost import _csko_setup  # noqa: E402  (the issue-2 CsKO steady state, reused as is)
 
-from lightning_cskl.avalanche.baselines import FullKernelProjectionPlugin  # noqa: E402
+from lightning_cskl.experiments.baselines import FullKernelProjectionPlugin  # noqa: E402
 from lightning_cskl.core import resolve_layers  # noqa: E402
 from lightning_cskl.core.accounting import StepCost  # noqa: E402
 from lightning_cskl.models import resnet18  # noqa: E402
-from lightning_cskl.scaling import (  # noqa: E402
+from lightning_cskl.experiments.scaling import (  # noqa: E402
     TaskState,
     csko_state_over_tasks,
     full_finetune_setup,

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_cskl.avalanche import ClassIncrementalNet, run_continual, train_base
-from lightning_cskl.avalanche.baselines import build_method
+from lightning_cskl.experiments.baselines import build_method
 from lightning_cskl.avalanche.strategy import find_head
 from lightning_cskl.core.head import StatisticsHead
 from lightning_cskl.data import split_fashion_mnist

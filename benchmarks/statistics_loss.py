@@ -23,7 +23,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from lightning_cskl.avalanche import ClassIncrementalNet, run_continual, train_base
-from lightning_cskl.avalanche.baselines import build_method
+from lightning_cskl.experiments.baselines import build_method
 from lightning_cskl.avalanche.strategy import find_head, record_loader
 from lightning_cskl.data.shifts import fashion_mnist_domains, split_digits_domains
 from lightning_cskl.models import SmallCNN

@@ -27,10 +27,10 @@ from typing import Any, Callable, Literal, Optional, Union
 from torch import Tensor, nn
 
 from .core import CenterKernelConfig
-from .study import StudyConfig, run_study
+from .experiments.study import StudyConfig, run_study
 
 __all__ = ["BenchConfig", "DataOptions", "ModelOptions", "RunConfig", "StrategyOptions", "TrainOptions",
-           "WandbOptions", "bench", "main", "run"]  # `cskl study`: lightning_cskl.study
+           "WandbOptions", "bench", "main", "run"]  # `cskl study`: lightning_cskl.experiments.study
 
 _BUILTIN_BENCHMARKS = ("digits", "fashion_mnist", "fashion_digits", "cifar100")
 _DOWNLOAD_TIMEOUT_S = 30.0
@@ -162,7 +162,7 @@ class RunConfig:
 
     Args:
         method: ``csko`` (CSKLStrategy: CsKO + DCES with the ``engine`` and ``strategy`` options), ``naive``
-            (plain fine-tuning), or any method of the comparison (``lightning_cskl.avalanche.baselines.METHODS``:
+            (plain fine-tuning), or any method of the comparison (``lightning_cskl.experiments.baselines.METHODS``:
             ``head_replay``, ``slda``, ``gpm_replay``, ``csko_dces_lda``, ...; their own defaults).
         name: run name (outputs go to ``output_dir/name``); None: ``<benchmark>-<scenario>-<method>``.
         output_dir: parent folder of the run's outputs.
@@ -404,7 +404,7 @@ def _check(config: RunConfig) -> None:
     if config.data.train_per_class is not None and config.data.benchmark == "digits":
         raise UsageError("data.train_per_class is not allowed with data.benchmark='digits' (it has about 125 "
                          "training images per class): use it with fashion_mnist or fashion_digits")
-    from .avalanche.baselines import METHODS
+    from .experiments.baselines import METHODS
 
     if config.method not in ("csko", "naive", *METHODS):
         raise UsageError(f"method={config.method!r} is not allowed: use csko, naive or one of {', '.join(METHODS)}")
@@ -474,7 +474,7 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
         if config.method == "naive":
             return Naive(**common)
         if config.method != "csko":
-            from .avalanche.baselines import build_method
+            from .experiments.baselines import build_method
 
             return build_method(config.method, **common)
         s = config.strategy
@@ -573,7 +573,7 @@ def _report(result: Any, summary: dict[str, float], folder: Path, logger: Any, s
 
 # ---------------------------------------------------------------------------------------------- cskl bench
 def _all_methods() -> list[str]:
-    from .avalanche.baselines import METHODS
+    from .experiments.baselines import METHODS
 
     return list(METHODS)
 
@@ -583,7 +583,7 @@ class BenchConfig:
     """Every method side by side on one benchmark (issue 4): accuracy and per-step cost, mean ± std over seeds.
 
     Args:
-        methods: names from ``lightning_cskl.avalanche.baselines.METHODS`` (default: all of them), or
+        methods: names from ``lightning_cskl.experiments.baselines.METHODS`` (default: all of them), or
             ``<method>@<tag>`` variants that run ``<method>`` with their own ``method_options``.
         scenarios: ``class`` (base session + expanding head), ``task`` (one head per task) and/or ``domain``
             (the same classes under new input conditions); each replaces ``data.scenario`` in turn.
@@ -593,7 +593,7 @@ class BenchConfig:
         model: the backbone (as for ``cskl run``; default: SmallCNN of width 16).
         epochs, batch_size, lr, weight_decay: training of every experience (Adam), the same for every method.
         equal_compute: give every method the training FLOPs of full fine-tuning at ``epochs`` epochs instead
-            of the same epochs (see ``lightning_cskl.bench.run_bench``); the ``epochs`` column says what each got.
+            of the same epochs (see ``lightning_cskl.experiments.bench.run_bench``); the ``epochs`` column says what each got.
         method_options: per method (or variant), extra factory options (e.g. ``{ewc: {ewc_lambda: 10}}``;
             ``train_epochs`` overrides ``epochs``).
         time_steps: also time the steps (median, and the ratio to full fine-tuning).
@@ -627,12 +627,12 @@ _BENCH_IDENTITY = ("data", "model")  # what changes a run besides training
 
 
 def bench(config: BenchConfig) -> dict[str, Any]:
-    """Run :func:`lightning_cskl.bench.run_bench` from a config; write tables, plots and a JSON."""
+    """Run :func:`lightning_cskl.experiments.bench.run_bench` from a config; write tables, plots and a JSON."""
     import torch
 
-    from .avalanche.baselines import METHODS
-    from .bench import claims_markdown, run_bench
-    from .bench_plots import plot_bench
+    from .experiments.baselines import METHODS
+    from .experiments.bench import claims_markdown, run_bench
+    from .experiments.plots import plot_bench
 
     unknown = [m for m in config.methods if m.split("@", 1)[0] not in METHODS]
     if unknown:

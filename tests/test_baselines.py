@@ -1,4 +1,4 @@
-"""The comparison's methods (lightning_cskl.avalanche.baselines) on tiny real Split Digits runs: every method
+"""The comparison's methods (lightning_cskl.experiments.baselines) on tiny real Split Digits runs: every method
 of the registry runs end to end, what an on-device baseline freezes stays bit-identical, the full-kernel
 GPM / Adam-NSCL projection bounds the change of old outputs, and bad names and options give clear errors."""
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_cskl.avalanche import ClassIncrementalNet, TaskIncrementalNet, run_continual
-from lightning_cskl.avalanche.baselines import (
+from lightning_cskl.experiments.baselines import (
     METHODS,
     FullKernelProjectionPlugin,
     SparseUpdatePlugin,
@@ -20,7 +20,7 @@ from lightning_cskl.avalanche.baselines import (
     build_method,
     find_classifier,
 )
-from lightning_cskl.core.full_kernel import (
+from lightning_cskl.experiments.full_kernel import (
     FullKernelCovariance,
     change_bound,
     conv_output_change,
@@ -351,7 +351,7 @@ def test_statistics_head_survives_an_interrupted_run(class_benchmark, tmp_path):
 
 
 def test_variants_run_their_base_method_with_their_own_options():
-    from lightning_cskl.avalanche.baselines import method_base
+    from lightning_cskl.experiments.baselines import method_base
 
     strategy = _build("csko_dces_lda@energy", "class", projection_criterion="energy")
     assert strategy.cskl.config.criterion == "energy" and strategy.cskl.statistics.rule == "lda"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lightning_cskl.avalanche import run_continual
-from lightning_cskl.avalanche.baselines import UnknownMethodError, build_method
-from lightning_cskl.bench import ACCURACY_COLUMNS, COST_COLUMNS, CostProbe, claims_markdown, default_model, run_bench
+from lightning_cskl.experiments.baselines import UnknownMethodError, build_method
+from lightning_cskl.experiments.bench import ACCURACY_COLUMNS, COST_COLUMNS, CostProbe, claims_markdown, default_model, run_bench
 from lightning_cskl.data import split_digits
 from lightning_cskl.data.benchmarks import tensor_benchmark
 
@@ -107,7 +107,7 @@ def test_an_interrupted_bench_resumes_from_its_kept_runs(bench, tmp_path, monkey
     table, out = bench
     kept = sorted(p.name for p in (out / "runs").iterdir())
     assert kept == [f"class-seed0-{m}.json" for m in sorted(METHODS)]
-    import lightning_cskl.bench as bench_module
+    import lightning_cskl.experiments.bench as bench_module
 
     def no_training(*args, **kwargs):
         raise AssertionError("a kept run was trained again")

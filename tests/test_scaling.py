@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_cskl.models import SmallCNN
-from lightning_cskl.scaling import (
+from lightning_cskl.experiments.scaling import (
     PublishedGpmMemory,
     csko_state_over_tasks,
     full_finetune_setup,
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _plugin():
-    from lightning_cskl.avalanche.baselines import FullKernelProjectionPlugin
+    from lightning_cskl.experiments.baselines import FullKernelProjectionPlugin
 
     return FullKernelProjectionPlugin("energy")
 

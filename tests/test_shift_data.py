@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_cskl.avalanche import ClassIncrementalNet, run_continual
-from lightning_cskl.avalanche.baselines import build_method
+from lightning_cskl.experiments.baselines import build_method
 from lightning_cskl.data import (
     DEBIAN_FASHION_MNIST,
     DOMAINS,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_cskl.models import SmallCNN, resnet18
-from lightning_cskl.study import (
+from lightning_cskl.experiments.study import (
     FULL,
     POSITIONS,
     StudyConfig,

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .covariance import CovarianceCollector
-from .projection import ProjectionCriterion, layer_projector, project_update
+from ..core.covariance import CovarianceCollector
+from ..core.projection import ProjectionCriterion, layer_projector, project_update
 
 __all__ = [
     "FullKernelCovariance",

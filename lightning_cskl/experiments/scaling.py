@@ -2,7 +2,7 @@
 
 Nothing here is the method: CsKO is driven through :class:`~lightning_cskl.core.CenterKernelLearner`, GPM /
 Adam-NSCL through a full-kernel projection object with the interface of
-:class:`~lightning_cskl.avalanche.baselines.FullKernelProjectionPlugin` (passed in, so that this module
+:class:`~lightning_cskl.experiments.baselines.FullKernelProjectionPlugin` (passed in, so that this module
 imports neither Avalanche nor the benchmark scripts), and every per-step cost through
 :func:`~lightning_cskl.core.accounting.measure_step`.
 
@@ -35,8 +35,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .core import CenterKernelLearner
-from .core.accounting import StepCost, make_train_step, measure_step
+from ..core import CenterKernelLearner
+from ..core.accounting import StepCost, make_train_step, measure_step
 
 __all__ = [
     "PublishedGpmMemory",
@@ -113,7 +113,7 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 def full_kernel_setup(base: nn.Module, plugin: Any, record_batches: Sequence[Tensor]) -> Setup:
     """A copy of ``base`` trained as the full-kernel projection baseline in its steady state.
 
-    ``plugin`` is a :class:`~lightning_cskl.avalanche.baselines.FullKernelProjectionPlugin` (or anything with
+    ``plugin`` is a :class:`~lightning_cskl.experiments.baselines.FullKernelProjectionPlugin` (or anything with
     its ``trainable``, ``recorders``, ``end_experience``, ``begin_experience``, ``experiences_seen`` and
     ``projection_state_bytes``). The inputs of ``record_batches`` stand for an old task: their full-kernel
     covariance is recorded (the plugin's own end-of-experience path), then the next experience begins with

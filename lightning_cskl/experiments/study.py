@@ -47,8 +47,8 @@ Example:
 Command line (``cskl study`` takes the same options)::
 
     cskl study --config configs/study_fmnist.yaml
-    python -m lightning_cskl.study --config configs/study_fmnist.yaml
-    python -m lightning_cskl.study --config configs/study_fmnist.yaml --depths '[layer4]' --epochs 1
+    python -m lightning_cskl.experiments.study --config configs/study_fmnist.yaml
+    python -m lightning_cskl.experiments.study --config configs/study_fmnist.yaml --depths '[layer4]' --epochs 1
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .core.center import center_index
+from ..core.center import center_index
 
 __all__ = ["FULL", "POSITIONS", "StudyConfig", "TapMask", "convs_in", "run_study", "tap_index", "train_new_task"]
 
@@ -319,7 +319,7 @@ def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Raises:
         TypeError: the model is neither of the two.
     """
-    from .models.nets import SmallCNN, _ResNet
+    from ..models.nets import SmallCNN, _ResNet
 
     if isinstance(model, _ResNet):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu)
@@ -391,11 +391,11 @@ def _select(images: Tensor, labels: Tensor, classes: list[int], per_class: Optio
 
 def _load_data(config: StudyConfig) -> tuple[_Split, _Split]:
     if config.dataset == "fashion_mnist":
-        from .data import load_fashion_mnist
+        from ..data import load_fashion_mnist
 
         (train_x, train_y), (test_x, test_y) = load_fashion_mnist(config.root)
     else:
-        from .data import split_digits
+        from ..data import split_digits
 
         (data,) = split_digits(n_tasks=1, seed=0)
         train_x, train_y, _ = data.train.tensors
@@ -409,7 +409,7 @@ def _load_data(config: StudyConfig) -> tuple[_Split, _Split]:
 
 
 def _build_model(config: StudyConfig) -> nn.Module:
-    from .models import SmallCNN, resnet18
+    from ..models import SmallCNN, resnet18
 
     if config.model == "resnet18":
         return resnet18(len(config.base_classes), in_channels=1, nf=config.width)
@@ -858,12 +858,12 @@ def save_heatmaps(result: dict[str, Any], depth: str, path: Union[str, os.PathLi
 
 # ---------------------------------------------------------------------------------------------- entry point
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """``python -m lightning_cskl.study --config FILE.yaml [--key value ...]`` (the options of :class:`StudyConfig`)."""
+    """``python -m lightning_cskl.experiments.study --config FILE.yaml [--key value ...]`` (the options of :class:`StudyConfig`)."""
     import sys
 
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="python -m lightning_cskl.study", description="the knowledge-intensity study")
+    parser = ArgumentParser(prog="python -m lightning_cskl.experiments.study", description="the knowledge-intensity study")
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML config (configs/study_fmnist.yaml)")
     parser.add_class_arguments(StudyConfig, nested_key=None, fail_untyped=True)
     parsed = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -62,14 +62,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ..core import resolve_layers
-from ..core.full_kernel import (
+from .full_kernel import (
     FullKernelCovariance, full_kernel_projector, project_kernel_update, protected_basis,
 )
 from ..core.head import StatisticsHead, StatisticsRule
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
-from .strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, record_loader
+from ..avalanche.strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, record_loader
 
 __all__ = [
     "BiasOnlyPlugin",
@@ -329,7 +329,7 @@ class BiasOnlyPlugin(IncrementalFreezePlugin):
 
 
 def _conv_layers(model: nn.Module, layers: Union[str, list[str]]) -> dict[str, nn.Conv2d]:
-    from ..core.full_kernel import validate_full_kernel_conv
+    from .full_kernel import validate_full_kernel_conv
 
     return {name: validate_full_kernel_conv(name, model.get_submodule(name)) for name in resolve_layers(model, layers)}
 
@@ -594,7 +594,7 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
 
 def method_base(name: str) -> str:
     """The registry method that ``name`` runs: itself, or for a variant ``"<method>@<tag>"`` the part before
-    ``@`` (a variant runs that method with options of its own, e.g. in :func:`~lightning_cskl.bench.run_bench`'s
+    ``@`` (a variant runs that method with options of its own, e.g. in :func:`~lightning_cskl.experiments.bench.run_bench`'s
     ``method_options``, so that one comparison can hold several settings of one method).
 
     Raises:

@@ -1,7 +1,7 @@
 """The comparison runner: methods × scenarios × seeds on one benchmark, side by side, into Markdown and CSV.
 
 Each run is :func:`~lightning_cskl.avalanche.run_continual` with a strategy from
-:data:`~lightning_cskl.avalanche.baselines.METHODS`, on the same data, epochs, batch size and optimizer for
+:data:`~lightning_cskl.experiments.baselines.METHODS`, on the same data, epochs, batch size and optimizer for
 every method. Experience 0 is the base session: per scenario and seed it is trained once, with every
 parameter (full fine-tuning), and that checkpoint starts every method (``run_continual(base=...)``), so all
 methods share ``a[0][0]`` (the ``base_acc`` column) and begin their incremental experiences from the same
@@ -41,11 +41,11 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import is_multi_task_module
 from torch import Tensor, nn
 
-from .avalanche.baselines import (
+from .baselines import (
     FROZEN_METHODS, METHODS, SINGLE_HEAD_METHODS, UnknownMethodError, build_method, method_base,
 )
-from .avalanche.run import run_continual, train_base
-from .core.accounting import StepCost, measure_step, storage_bytes
+from ..avalanche.run import run_continual, train_base
+from ..core.accounting import StepCost, measure_step, storage_bytes
 
 __all__ = [
     "ACCURACY_COLUMNS", "BenchTable", "COST_COLUMNS", "CostProbe", "ON_DEVICE_METHODS", "PROJECTION_METHODS",
@@ -66,15 +66,15 @@ COST_COLUMNS = (
 
 def default_benchmark(scenario: str, seed: int) -> Any:
     """Split Digits (offline, seconds): ``"class"`` = 4 base classes + 3 × 2, ``"task"`` = 5 × 2 classes."""
-    from .data import split_digits_benchmark
+    from ..data import split_digits_benchmark
 
     return split_digits_benchmark(scenario, seed=seed)
 
 
 def default_model(scenario: str) -> nn.Module:
     """A SmallCNN backbone (width 16) with Avalanche's expanding head (class) or per-task heads (task)."""
-    from .avalanche import ClassIncrementalNet, TaskIncrementalNet
-    from .models import SmallCNN
+    from ..avalanche import ClassIncrementalNet, TaskIncrementalNet
+    from ..models import SmallCNN
 
     net = ClassIncrementalNet if scenario == "class" else TaskIncrementalNet
     return net(SmallCNN(10, width=16).features, 32, initial_classes=2)
@@ -368,7 +368,7 @@ def run_bench(
     """Run every method on every scenario and seed; measure accuracy and per-step cost side by side.
 
     Args:
-        methods: names from :data:`~lightning_cskl.avalanche.baselines.METHODS`.
+        methods: names from :data:`~lightning_cskl.experiments.baselines.METHODS`.
         scenarios: ``"class"`` and/or ``"task"`` (passed to ``benchmark`` and ``model``).
         seeds: one run per seed: seeds the benchmark split, the initial weights and the data order.
         benchmark: ``benchmark(scenario, seed)`` -> an Avalanche benchmark (default: Split Digits).
@@ -392,7 +392,7 @@ def run_bench(
             experience (:class:`CostProbe`). The ``epochs`` column says what each got. Methods that do not
             train after the base session (``slda``, ``ncm``) are unaffected.
 
-    Methods of :data:`~lightning_cskl.avalanche.baselines.SINGLE_HEAD_METHODS` are skipped in the ``"task"``
+    Methods of :data:`~lightning_cskl.experiments.baselines.SINGLE_HEAD_METHODS` are skipped in the ``"task"``
     scenario (their statistics head needs one label space). Each row's ``adaptation_gain`` is its ACC minus
     that of ``head_replay`` in the same scenario and seed (when ``head_replay`` runs too).
 

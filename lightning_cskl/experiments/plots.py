@@ -1,4 +1,4 @@
-"""Plots of a comparison (:func:`lightning_cskl.bench.run_bench`): where people would rather look than read."""
+"""Plots of a comparison (:func:`lightning_cskl.experiments.bench.run_bench`): where people would rather look than read."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def plot_bench(table: Any, out_dir: Path) -> list[Path]:
     and the accuracy matrix of every method (first seed). Returns the PNG paths.
 
     Args:
-        table: a :class:`~lightning_cskl.bench.BenchTable`.
+        table: a :class:`~lightning_cskl.experiments.bench.BenchTable`.
         out_dir: folder for the PNGs.
     """
     import matplotlib
