@@ -106,6 +106,30 @@ def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int]) -
                       collate_fn=getattr(dataset, "collate_fn", None))
 
 
+def record_pass(strategy: SupervisedTemplate, record_batches: Optional[int], head: Optional[nn.Module],
+                collect: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+    """The end-of-experience pass: feed (up to ``record_batches`` batches of) the experience's data through the
+    model exactly as training does (``strategy.forward``: task labels for multi-task models), and hand the input
+    of ``head`` with the labels of each batch to ``collect``. The caller sets eval mode, ``no_grad`` and whatever
+    hooks record other statistics; the strategy's current mini-batch is restored afterwards."""
+    features: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
+    saved_batch = strategy.mbatch
+    try:
+        for index, batch in enumerate(record_loader(strategy, record_batches)):
+            if record_batches is not None and index >= record_batches:
+                break
+            strategy.mbatch = [t.to(strategy.device) for t in batch]
+            features.clear()
+            strategy.forward()
+            if features:
+                collect(features[-1], strategy.mbatch[1])
+    finally:
+        if hook is not None:
+            hook.remove()
+        strategy.mbatch = saved_batch
+
+
 class PrototypeReplayHooks(SupervisedPlugin):
     """The classifier-side hooks shared by every plugin that offers them: prototype replay (METHOD.md §4) and a
     statistics head.
@@ -335,29 +359,8 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         self._replay_head = None
         model = strategy.model
         head = find_head(model, self.head) if self.records_features(model) else None
-        loader = record_loader(strategy, self.record_batches)
-        features: list[torch.Tensor] = []
-        hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
-        saved_batch = strategy.mbatch
-
-        def run_forward() -> None:
-            # strategy.forward feeds the model exactly as training does (task labels for multi-task models)
-            for index, batch in enumerate(loader):
-                if self.record_batches is not None and index >= self.record_batches:
-                    break
-                strategy.mbatch = [t.to(strategy.device) for t in batch]
-                features.clear()
-                strategy.forward()
-                if head is not None and features:
-                    self._collect_features(features[-1], strategy.mbatch[1])
-
         self._begin_feature_collection()
-        try:
-            self.learner.end_task(run_forward)
-        finally:
-            if hook is not None:
-                hook.remove()
-            strategy.mbatch = saved_batch
+        self.learner.end_task(lambda: record_pass(strategy, self.record_batches, head, self._collect_features))
         self._end_feature_collection()
 
     def _remove_optimizer_hooks(self) -> None:

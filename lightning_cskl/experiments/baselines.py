@@ -69,7 +69,7 @@ from ..core.head import StatisticsHead, StatisticsRule
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
-from ..avalanche.strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, record_loader
+from ..avalanche.strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, record_pass
 
 __all__ = [
     "BiasOnlyPlugin",
@@ -190,28 +190,15 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         head = model.get_submodule(find_classifier(model, self.head)) if self.records_features(model) else None
         if not recorders and head is None:
             return
-        features: list[Tensor] = []
-        loader = record_loader(strategy, self.record_batches)
-        was_training, saved_batch = model.training, strategy.mbatch
+        was_training = model.training
         model.eval()
-        handle = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
         self._begin_feature_collection()
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 for recorder in recorders:
                     stack.enter_context(recorder.hooked())
-                for index, batch in enumerate(loader):
-                    if self.record_batches is not None and index >= self.record_batches:
-                        break
-                    strategy.mbatch = [t.to(strategy.device) for t in batch]
-                    features.clear()
-                    strategy.forward()  # feeds the model as training does (task labels for multi-task models)
-                    if features:
-                        self._collect_features(features[-1], strategy.mbatch[1])
+                record_pass(strategy, self.record_batches, head, self._collect_features)
         finally:
-            if handle is not None:
-                handle.remove()
-            strategy.mbatch = saved_batch
             model.train(was_training)
         self._end_feature_collection()
 
