@@ -28,13 +28,13 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from .center import CenterDecoupledConv, center_slice, decouple_center, fold_center, is_eligible_conv, set_submodule
 from .config import CenterKernelConfig
 from .covariance import CovarianceCollector
 from .projection import layer_projector, project_update
 from .selection import channel_scores, select_channels
+from .step import ConstrainedStep, StepHandle
 
 __all__ = ["CenterKernelLearner", "resolve_layers", "resolve_train_also", "NoEligibleLayerError"]
 
@@ -222,8 +222,10 @@ class CenterKernelLearner:
         self._flags: dict[int, bool] = {}
         self._frozen_bn: list[nn.Module] = []
         self._tensors: dict[str, Tensor] = {}
-        self._snapshots: dict[str, Tensor] = {}
         self._grad_masks: dict[str, Tensor] = {}
+        # bound methods, not lambdas: a deep copy of the learner (a callback copied by the user) then projects
+        # its own tensors
+        self._step = ConstrainedStep(self._constrained_tensors, self._projected, active=self._projecting)
 
     # ------------------------------------------------------------------ structure
     def bind(self, model: nn.Module) -> None:
@@ -380,7 +382,8 @@ class CenterKernelLearner:
         self.record(run_forward)
         self.phase = IDLE
         self.skipped_steps = 0
-        self.score_sums, self.projectors, self._grad_masks, self._snapshots = {}, {}, {}, {}
+        self.score_sums, self.projectors, self._grad_masks = {}, {}, {}
+        self._step.clear()
         self.start_centers = {}
         if fold:
             self.unbind()
@@ -548,36 +551,31 @@ class CenterKernelLearner:
                 d, cg = grad.shape[:2]
                 grad.view(layer.groups, d // layer.groups, cg).mul_(self._grad_masks[name])
 
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "_OptimizerHandle":
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> StepHandle:
         """Hook ``optimizer.step`` so that every update of a center is projected; remove the handle after.
 
         The pre-hook only snapshots the centers (optimizers that take a closure compute gradients inside
-        ``step``, after the pre-hook), the post-hook replaces the step by its projection.
+        ``step``, after the pre-hook), the post-hook replaces the step by its projection
+        (:class:`~lightning_cskl.core.step.ConstrainedStep`).
         """
-        return _OptimizerHandle(
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()),
-        )
+        return self._step.attach(optimizer)
 
-    def _before_step(self) -> None:
-        if self.phase == TRAINING:
-            self._snapshots = {n: self.trained_tensor(n).detach().clone() for n in self.layers}
+    def _constrained_tensors(self) -> dict[str, Tensor]:
+        return {name: self.trained_tensor(name) for name in self.layers}
 
-    def _after_step(self) -> None:
-        if self.phase != TRAINING or not self._snapshots:
-            return
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                tensor = self.trained_tensor(name)
-                before = self._snapshots[name]
-                center_now = self._center_view(name, tensor)
-                center_before = self._center_view(name, before)
-                step = project_update(center_now - center_before, self.projectors[name])
-                if layer.in_place and any(k > 1 for k in layer.kernel_size):
-                    tensor.copy_(before)  # non-center taps never move
-                    center_now = self._center_view(name, tensor)
-                center_now.copy_(center_before + step)
-        self._snapshots = {}
+    def _projecting(self) -> bool:
+        return self.phase == TRAINING
+
+    def _projected(self, name: str, before: Tensor, after: Tensor) -> Tensor:
+        """The tensor after a step: its center moved by the projected update, every other tap as before."""
+        layer = self.layers[name]
+        center_before = self._center_view(name, before)
+        step = project_update(self._center_view(name, after) - center_before, self.projectors[name])
+        if not (layer.in_place and any(k > 1 for k in layer.kernel_size)):
+            return center_before + step
+        result = before.clone()  # non-center taps never move
+        self._center_view(name, result).copy_(center_before + step)
+        return result
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -616,13 +614,14 @@ class CenterKernelLearner:
     def suspend(self) -> None:
         """Undo what the task did to the model's modules (frozen BatchNorm) and keep the task's state, so that a
         checkpoint written now can resume it (:meth:`begin_task` re-applies everything)."""
-        self._snapshots = {}
+        self._step.clear()
         self._release_batchnorm()
 
     def abort_task(self) -> None:
         """Forget an unfinished task (after an exception); the model stays as it is, hooks are removed."""
         self.phase = IDLE
-        self.score_sums, self.projectors, self._snapshots, self.start_centers = {}, {}, {}, {}
+        self.score_sums, self.projectors, self.start_centers = {}, {}, {}
+        self._step.clear()
         self._release_batchnorm()
 
     def projection_state_bytes(self) -> int:
@@ -634,15 +633,6 @@ class CenterKernelLearner:
         if self.model is None:
             raise RuntimeError("the learner is not bound to a model: call bind(model) first")
         return self.model
-
-
-class _OptimizerHandle:
-    def __init__(self, *handles: RemovableHandle) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def _frozen_batchnorm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:

@@ -69,6 +69,7 @@ from ..core.head import StatisticsHead, StatisticsRule
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
+from ..core.step import ConstrainedStep
 from ..avalanche.strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, record_pass
 
 __all__ = [
@@ -358,7 +359,6 @@ class SparseUpdatePlugin(IncrementalFreezePlugin):
             w = conv.weight.detach()
             scores = channel_scores(w.abs().sum(dim=(2, 3)), conv.groups)  # L1 magnitude per input channel
             self.selected[name] = select_channels(scores.cpu(), self.channel_ratio)
-        snapshots: dict[str, Tensor] = {}
 
         def keep(name: str, conv: nn.Conv2d) -> Tensor:
             cg = conv.in_channels // conv.groups
@@ -367,20 +367,9 @@ class SparseUpdatePlugin(IncrementalFreezePlugin):
             return mask.expand(conv.groups, d // conv.groups, cg).reshape(d, cg)  # (D, C/g): True = trains
 
         masks = {name: keep(name, conv) for name, conv in convs.items()}
-
-        def before(*_: Any) -> None:
-            for name, conv in convs.items():
-                snapshots[name] = conv.weight.detach().clone()
-
-        def after(*_: Any) -> None:
-            with torch.no_grad():
-                for name, conv in convs.items():
-                    frozen = ~masks[name]
-                    conv.weight[frozen] = snapshots[name][frozen]
-            snapshots.clear()
-
-        optimizer = strategy.optimizer
-        self._handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+        step = ConstrainedStep(lambda: {name: conv.weight for name, conv in convs.items()},
+                               lambda name, before, after: torch.where(masks[name][..., None, None], after, before))
+        self._handles = [step.attach(strategy.optimizer)]
 
 
 class FullKernelProjectionPlugin(IncrementalFreezePlugin):
@@ -454,21 +443,11 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
                 if self.protected[name]:
                     basis = protected_basis(basis)
                 self.bases[name] = basis.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        snapshots: dict[str, Tensor] = {}
-
-        def before(*_: Any) -> None:
-            for name in self.bases:
-                snapshots[name] = convs[name].weight.detach().clone()
-
-        def after(*_: Any) -> None:
-            with torch.no_grad():
-                for name, basis in self.bases.items():
-                    weight, old = convs[name].weight, snapshots[name]
-                    weight.copy_(old + project_kernel_update(weight - old, basis, self.protected[name]))
-            snapshots.clear()
-
-        optimizer = strategy.optimizer
-        self._handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+        step = ConstrainedStep(
+            lambda: {name: convs[name].weight for name in self.bases},
+            lambda name, before, after: before + project_kernel_update(after - before, self.bases[name],
+                                                                       self.protected[name]))
+        self._handles = [step.attach(strategy.optimizer)]
 
     @override
     def recorders(self, model: nn.Module) -> list[Any]:
