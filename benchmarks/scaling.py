@@ -222,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"+ float32 free bases during a task); its task 1 is the base "
         f"session (recorded, not trained). GPM published = the float32 basis M of the old tasks' representations "
         f"grown by Saha et al.'s energy rule (ε_t = 0.97 + 0.003·t) from the same per-task covariances (rank per "
-        f"layer in parentheses), and during a task also the dense float32 projectors M Mᵀ its code builds."
+        f"layer in parentheses), and during a task also the dense float32 free_bases M Mᵀ its code builds."
     )
     print()
     print("== Width: per-step cost ==")

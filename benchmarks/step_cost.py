@@ -85,7 +85,7 @@ def _csko_setup(
     step = make_train_step(model, optimizer, nn.functional.cross_entropy, batch, learner)
     for _ in range(score_batches):
         step()
-    if learner.phase != "training" or set(learner.projectors) != set(learner.layers) or not learner.covariances:
+    if learner.phase != "training" or set(learner.free_bases) != set(learner.layers) or not learner.covariances:
         raise RuntimeError(f"CsKO did not reach its projected steady state (phase={learner.phase!r})")
     return model, learner, optimizer, handle
 

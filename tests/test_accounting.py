@@ -222,7 +222,7 @@ def test_measure_step_full_versus_csko_steady_state():
     opt = torch.optim.Adam(learner.trainable_parameters())
     handle = learner.attach_optimizer(opt)
     make_train_step(model, opt, loss, batch, learner)()  # the DCES scoring step
-    assert learner.phase == "training" and learner.projectors
+    assert learner.phase == "training" and learner.free_bases
     cost = measure_step(model, opt, loss, batch, learner, time_steps=False)
     handle.remove()
 

@@ -179,7 +179,7 @@ def test_claims_are_checked_from_the_measured_means(bench):
     backward = ours["backward_flops_mean"] / gpm["backward_flops_mean"]
     assert f"| backward FLOPs ≤ 10% of gpm's | {backward:.1%} |" in text
     assert "adam_nscl" not in text  # methods that did not run are left out
-    assert claims_markdown(table, ours="csko") == ""
+    assert claims_markdown(table, ours="csko_no_dces") == ""
 
 
 def test_equal_compute_gives_cheaper_steps_more_epochs_and_gains_are_relative_to_head_replay():

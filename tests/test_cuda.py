@@ -165,7 +165,7 @@ def test_engine_on_cuda_respects_the_null_space_and_keeps_tensors_on_device():
         assert _on_device(tensor) and isinstance(net.get_submodule(name), CenterDecoupledConv)
         # bases and gradient masks are built on the model's device; covariances are checkpoint state (C×C
         # per layer, accumulated in float64 on the device, stored in float32) and are kept on the CPU
-        assert learner.projectors[name].device == tensor.device
+        assert learner.free_bases[name].device == tensor.device
         assert learner._grad_masks[name].device == tensor.device
         assert learner.covariances[name].device.type == "cpu" and learner.covariances[name].dtype == torch.float32
         delta = (tensor.detach() - before[name]).double().cpu()
@@ -210,13 +210,13 @@ def test_engine_checkpoint_made_on_cuda_resumes_on_cpu():
     other = CenterKernelLearner(layers=LAYERS, first_task="center", score_batches=2, channel_ratio=0.75)
     other.load_state_dict(state)
     other.bind(cpu_net)
-    other.begin_task()  # continues the task: rebuilds the projectors on the CPU
+    other.begin_task()  # continues the task: rebuilds the free_bases on the CPU
     assert other.phase == "training" and other.tasks_seen == 1
     for name in LAYERS:
         assert torch.equal(other.selected[name], learner.selected[name].cpu())
         assert torch.equal(other.covariances[name], learner.covariances[name])
-        assert other.projectors[name].device.type == "cpu"
-        torch.testing.assert_close(other.projectors[name], learner.projectors[name].cpu())
+        assert other.free_bases[name].device.type == "cpu"
+        torch.testing.assert_close(other.free_bases[name], learner.free_bases[name].cpu())
 
     # the resumed CPU learner trains (projected) and finishes the task
     before = {n: other.trained_tensor(n).detach().clone() for n in LAYERS}
@@ -278,8 +278,8 @@ class _Watch(L.Callback):
         learner = self.cb.learner
         for name in learner.layers:
             self.devices.add(learner.trained_tensor(name).device.type)
-            if name in learner.projectors:
-                self.devices.add(learner.projectors[name].device.type)
+            if name in learner.free_bases:
+                self.devices.add(learner.free_bases[name].device.type)
 
 
 class _SaveAt(L.Callback):

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
 from ..core.head import StatisticsHead, StatisticsRule
-from ..core.learner import resolve_train_also
+from ..core.learner import IDLE, SCORING, resolve_train_also
 from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head"]
@@ -310,7 +310,7 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
     @override
     def before_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         model = strategy.model
-        if self.learner.phase != "idle" and self.learner.model is model:
+        if self.learner.phase != IDLE and self.learner.model is model:
             # the previous experience raised before it ended: start this one afresh (its branches stay bound)
             self.learner.abort_task()
         self._resolve_statistics(model)
@@ -337,7 +337,7 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
     def _warn_if_scoring_fills(self, strategy: SupervisedTemplate) -> None:
         remaining = self.config.score_batches - self.learner.scored_batches
         loader = getattr(strategy, "dataloader", None)
-        if self.learner.phase != "scoring" or loader is None:
+        if self.learner.phase != SCORING or loader is None:
             return
         try:
             steps = len(loader) * int(strategy.train_epochs)

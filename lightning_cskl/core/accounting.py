@@ -361,7 +361,7 @@ class StepCost:
         gradient_bytes: ``.grad`` bytes after backward.
         optimizer_state_bytes: bytes of the optimizer's state after a step.
         projection_state_bytes: what the method keeps between steps and tasks for its projection
-            (covariances, projectors, channel masks); 0 for methods without one.
+            (covariances, free_bases, channel masks); 0 for methods without one.
         step_time_s: median wall time of one step, or None when not timed.
         forward_flops: FLOPs of the forward pass and loss alone (None when not measured); the rest of
             ``flops`` is the backward pass and the optimizer step with its projection (:attr:`backward_flops`).

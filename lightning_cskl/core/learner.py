@@ -14,7 +14,7 @@
     handle.remove()
 
 Everything that must survive a checkpoint is in :meth:`CenterKernelLearner.state_dict` (tensors and plain
-values); projectors are rebuilt from it. The learner imports torch only.
+values); the free bases are rebuilt from it. The learner imports torch only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +36,18 @@ from .projection import layer_projector, project_update
 from .selection import channel_scores, select_channels
 from .step import ConstrainedStep, StepHandle
 
-__all__ = ["CenterKernelLearner", "resolve_layers", "resolve_train_also", "NoEligibleLayerError"]
+__all__ = ["BASE", "CenterKernelLearner", "IDLE", "NoEligibleLayerError", "Phase", "SCORING", "TRAINING", "resolve_layers",
+           "resolve_train_also"]
 
 log = logging.getLogger(__name__)
 
-IDLE, BASE, SCORING, TRAINING = "idle", "base", "scoring", "training"
+#: the phases of a task (``CenterKernelLearner.phase``): between tasks, the base session, DCES scoring, training
+Phase = Literal["idle", "base", "scoring", "training"]
+IDLE: Phase = "idle"
+BASE: Phase = "base"
+SCORING: Phase = "scoring"
+TRAINING: Phase = "training"
+_PHASES = (IDLE, BASE, SCORING, TRAINING)
 
 
 class NoEligibleLayerError(ValueError):
@@ -207,7 +214,7 @@ class CenterKernelLearner:
         self.layers: dict[str, _Layer] = {}
         # state that survives checkpoints
         self.tasks_seen = 0
-        self.phase = IDLE
+        self.phase: Phase = IDLE
         self.scored_batches = 0
         self.covariances: dict[str, Tensor] = {}
         self.score_sums: dict[str, Tensor] = {}
@@ -216,7 +223,7 @@ class CenterKernelLearner:
         self.update_effect: dict[str, dict[str, float]] = {}
         self.skipped_steps = 0
         # derived, rebuilt on demand
-        self.projectors: dict[str, Tensor] = {}
+        self.free_bases: dict[str, Tensor] = {}
         self.free_dims: dict[str, int] = {}
         self.new_selection = False
         self._flags: dict[int, bool] = {}
@@ -267,7 +274,7 @@ class CenterKernelLearner:
         for p in model.parameters():
             if id(p) in self._flags:
                 p.requires_grad_(self._flags[id(p)])
-        self.model, self.layers, self.projectors, self._grad_masks, self._tensors = None, {}, {}, {}, {}
+        self.model, self.layers, self.free_bases, self._grad_masks, self._tensors = None, {}, {}, {}, {}
         return model
 
     def trained_tensor(self, name: str) -> Tensor:
@@ -311,7 +318,7 @@ class CenterKernelLearner:
             else:
                 self._select({})
         elif self.phase == TRAINING:
-            self._build_projectors()
+            self._build_free_bases()
         self.apply_trainability()
 
     def _centers_into_kernels(self) -> None:
@@ -382,7 +389,7 @@ class CenterKernelLearner:
         self.record(run_forward)
         self.phase = IDLE
         self.skipped_steps = 0
-        self.score_sums, self.projectors, self._grad_masks = {}, {}, {}
+        self.score_sums, self.free_bases, self._grad_masks = {}, {}, {}
         self._step.clear()
         self.start_centers = {}
         if fold:
@@ -444,13 +451,13 @@ class CenterKernelLearner:
                 scores = torch.rand(layer.in_channels, generator=generator)
             self.selected[name] = select_channels(scores.cpu(), cfg.channel_ratio)
         self.phase = TRAINING
-        self._build_projectors()
+        self._build_free_bases()
         self.new_selection = True
 
-    def _build_projectors(self) -> None:
+    def _build_free_bases(self) -> None:
         cfg = self.config
         energy = min(1.0, cfg.energy + cfg.energy_step * max(0, self.tasks_seen - 1))
-        self.projectors, self.free_dims, self._grad_masks = {}, {}, {}
+        self.free_bases, self.free_dims, self._grad_masks = {}, {}, {}
         for name, layer in self.layers.items():
             tensor = self.trained_tensor(name)
             cg = layer.in_channels // layer.groups
@@ -464,7 +471,7 @@ class CenterKernelLearner:
                 eye = torch.eye(cg, dtype=torch.float64).expand(layer.groups, cg, cg)
                 basis = eye * selected.reshape(layer.groups, 1, cg).to(torch.float64)
                 free = selected.reshape(layer.groups, cg).sum(1)
-            self.projectors[name] = basis.to(device=tensor.device, dtype=tensor.dtype)
+            self.free_bases[name] = basis.to(device=tensor.device, dtype=tensor.dtype)
             self.free_dims[name] = int(free.sum())
             column_mask = selected.reshape(layer.groups, 1, cg).to(device=tensor.device, dtype=tensor.dtype)
             self._grad_masks[name] = column_mask
@@ -570,7 +577,7 @@ class CenterKernelLearner:
         """The tensor after a step: its center moved by the projected update, every other tap as before."""
         layer = self.layers[name]
         center_before = self._center_view(name, before)
-        step = project_update(self._center_view(name, after) - center_before, self.projectors[name])
+        step = project_update(self._center_view(name, after) - center_before, self.free_bases[name])
         if not (layer.in_place and any(k > 1 for k in layer.kernel_size)):
             return center_before + step
         result = before.clone()  # non-center taps never move
@@ -592,20 +599,22 @@ class CenterKernelLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; projectors are rebuilt when the task continues."""
+        """Restore a :meth:`state_dict`; free_bases are rebuilt when the task continues."""
         if state.get("config", {}).get("layers", self.config.layers) != self.config.layers:
             raise ValueError(
                 f"checkpoint was made with layers={state['config']['layers']!r}, this learner has "
                 f"layers={self.config.layers!r}"
             )
         self.tasks_seen = int(state["tasks_seen"])
-        self.phase = str(state["phase"])
+        if state["phase"] not in _PHASES:
+            raise ValueError(f"the checkpoint's learner phase {state['phase']!r} is not one of {', '.join(_PHASES)}")
+        self.phase = state["phase"]
         self.scored_batches = int(state["scored_batches"])
         self.covariances = dict(state["covariances"])
         self.score_sums = dict(state["score_sums"])
         self.selected = dict(state["selected"])
         self.start_centers = dict(state.get("start_centers", {}))
-        self.projectors = {}
+        self.free_bases = {}
         if self.model is not None and self.layers:
             device = next(iter(self.model.parameters())).device
             self.score_sums = {n: t.to(device) for n, t in self.score_sums.items()}
@@ -620,13 +629,13 @@ class CenterKernelLearner:
     def abort_task(self) -> None:
         """Forget an unfinished task (after an exception); the model stays as it is, hooks are removed."""
         self.phase = IDLE
-        self.score_sums, self.projectors, self.start_centers = {}, {}, {}
+        self.score_sums, self.free_bases, self.start_centers = {}, {}, {}
         self._step.clear()
         self._release_batchnorm()
 
     def projection_state_bytes(self) -> int:
-        """Bytes kept for the projection: covariances, projectors and channel masks."""
-        tensors = [*self.covariances.values(), *self.projectors.values(), *self.selected.values()]
+        """Bytes kept for the projection: covariances, free_bases and channel masks."""
+        tensors = [*self.covariances.values(), *self.free_bases.values(), *self.selected.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _require_model(self) -> nn.Module:

@@ -19,7 +19,7 @@ name                   what trains after the base session (experience 0 always t
                        unfolded C·k² input patches by the energy criterion (GPM), and the head
 ``adam_nscl``          the same with the null-space criterion (Adam-NSCL)
 ``center_only``        CsKO centers of all channels, no projection (ablation; trained head)
-``csko``               CsKO on all channels with projection (CsKO without DCES; trained head)
+``csko_no_dces``       CsKO on all channels with projection (CsKO without DCES; trained head)
 ``csko_dces``          CsKO + DCES (the method as published: engine defaults, trained head)
 ``csko_dces_lda``      CsKO + DCES evaluated with the LDA statistics head of its own features (CSKLStrategy's
                        default for single-head models)
@@ -551,7 +551,7 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
         lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", "prototype_replay": "auto", **o})),
     # all channels: no DCES scoring steps needed (with channel_ratio=1 any selection rule keeps every channel)
     "center_only": _cskl_method(project=False, channel_ratio=1.0, selection="magnitude", statistics_head=None),
-    "csko": _cskl_method(channel_ratio=1.0, selection="magnitude", statistics_head=None),
+    "csko_no_dces": _cskl_method(channel_ratio=1.0, selection="magnitude", statistics_head=None),
     "csko_dces": _cskl_method(statistics_head=None),
     "csko_dces_filter": _cskl_method(gradient_filter=2, statistics_head=None),
     "csko_dces_lda": _cskl_method(statistics_head="lda"),

@@ -95,7 +95,7 @@ class FullKernelCovariance(CovarianceCollector):
         """Mean covariance per layer (float32 as CsKO's, on the CPU); layers that saw no input are left out.
 
         Accumulated in float64, stored in float32 like :class:`CovarianceCollector`'s, so that the projection
-        state of the GPM / Adam-NSCL baselines and of CsKO is counted alike (the projectors decompose in float64).
+        state of the GPM / Adam-NSCL baselines and of CsKO is counted alike (the free_bases decompose in float64).
         """
         return {name: (self.sums[name] / self.counts[name]).to(torch.float32).cpu()
                 for name in self.sums if self.counts[name]}

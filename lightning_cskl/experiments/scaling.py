@@ -291,7 +291,7 @@ class PublishedGpmMemory:
         return sum(b.numel() for bases in self.bases.values() for b in bases) * element_size
 
     def projector_nbytes(self, element_size: int = 4) -> int:
-        """Bytes of the dense projectors ``M Mᵀ`` (``m × m`` per group) the published code builds for a task."""
+        """Bytes of the dense free_bases ``M Mᵀ`` (``m × m`` per group) the published code builds for a task."""
         return sum(b.shape[0] ** 2 for bases in self.bases.values() for b in bases) * element_size
 
 

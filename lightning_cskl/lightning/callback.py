@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
 from ..core.head import ClassMoments, StatisticsHead, StatisticsRule
+from ..core.learner import SCORING
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
 
@@ -175,7 +176,7 @@ class CenterKernelCallback(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.learner.begin_task()  # continues a task restored from a checkpoint; builds projectors on device
+        self.learner.begin_task()  # continues a task restored from a checkpoint; builds free_bases on device
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = [n for n in self.learner.layers if id(self.learner.trained_tensor(n)) not in held]
         if missing and not self.learner.is_base_task:
@@ -184,7 +185,7 @@ class CenterKernelCallback(Callback):
                 "configure_optimizers from self.parameters() (the callback creates them in setup)"
             )
         remaining = self.config.score_batches - self.learner.scored_batches
-        if self.learner.phase == "scoring" and trainer.estimated_stepping_batches <= remaining:
+        if self.learner.phase == SCORING and trainer.estimated_stepping_batches <= remaining:
             rank_zero_warn(
                 f"this fit has {trainer.estimated_stepping_batches} optimizer steps but DCES scores for "
                 f"{remaining} more (score_batches={self.config.score_batches}): nothing would train. "
