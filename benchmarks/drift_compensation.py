@@ -12,6 +12,7 @@ the experience's own statistics are merged.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Optional
 
 import torch
@@ -65,11 +66,15 @@ class DriftCompensation(SupervisedPlugin):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="data")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    benchmark = fashion_mnist_domains("data", train_per_class=1000, test_per_class=300, seed=0)
+    benchmark = fashion_mnist_domains(args.root, train_per_class=1000, test_per_class=300, seed=args.seed)
 
     def make(method: str, evaluator: Any, plugins: tuple = (), **options: Any) -> Any:
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         cnn = SmallCNN(10, width=16)
         net = ClassIncrementalNet(cnn.features, cnn.feature_dim, initial_classes=2)
         return build_method(method, model=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3),
