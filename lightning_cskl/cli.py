@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
-from torch import Tensor, nn
+from torch import nn
 
 from .core import CenterKernelConfig
+from .report import format_matrix, save_heatmap
 from .experiments.study import StudyConfig, run_study
 
 __all__ = ["BenchConfig", "DataOptions", "ModelOptions", "RunConfig", "StrategyOptions", "TrainOptions",
@@ -301,23 +302,10 @@ def _input_channels(benchmark: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- model
-class ResNetFeatures(nn.Module):
-    """A ResNet of :func:`lightning_cskl.models.resnet18` without its head, its layers under their own names."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        for name in ("conv1", "bn1", "relu", "layer1", "layer2", "layer3", "layer4", "pool"):
-            self.add_module(name, getattr(net, name))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.pool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
-
-
 def build_model(options: ModelOptions, in_channels: int, task_incremental: bool):
     """Backbone + Avalanche's expanding head (class-incremental) or per-task heads (task-incremental)."""
     from .avalanche import ClassIncrementalNet, TaskIncrementalNet
-    from .models import SmallCNN, mobilenet_v2, resnet18
+    from .models import ResNetFeatures, SmallCNN, mobilenet_v2, resnet18
 
     if options.width is not None and not options.width > 0:
         raise UsageError(f"model.width={options.width!r} is not allowed: it must be > 0")
@@ -335,54 +323,6 @@ def build_model(options: ModelOptions, in_channels: int, task_incremental: bool)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def format_matrix(accuracy: Sequence[Sequence[float]]) -> str:
-    """The accuracy matrix as text: row i after training experience i, column j tested on experience j.
-
-    Example:
-        >>> print(format_matrix([[0.9, 0.1], [0.8, 0.95]]))
-        after \\ on   exp0   exp1
-        exp0        0.900      -
-        exp1        0.800  0.950
-    """
-    columns = len(accuracy[0]) if accuracy else 0
-    lines = ["after \\ on " + " ".join(f"{f'exp{j}':>6}" for j in range(columns))]
-    for i, row in enumerate(accuracy):
-        cells = [f"{v:6.3f}" if j <= i else f"{'-':>6}" for j, v in enumerate(row)]
-        lines.append(f"{f'exp{i}':<10} " + " ".join(cells))
-    return "\n".join(lines)
-
-
-def save_heatmap(accuracy: Sequence[Sequence[float]], path: Path, title: str) -> None:
-    """Write the accuracy matrix as a heatmap PNG (unseen experiences greyed out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    values = np.array(accuracy, dtype=float)
-    rows, columns = values.shape
-    shown = np.ma.masked_array(values, mask=np.triu(np.ones_like(values, dtype=bool), k=1))
-    size = max(3.5, 0.6 * columns + 2)
-    figure, axes = plt.subplots(figsize=(size, max(3.0, 0.6 * rows + 1.5)))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
-    image = axes.imshow(shown, vmin=0.0, vmax=1.0, cmap=cmap)
-    if rows * columns <= 144:
-        for i in range(rows):
-            for j in range(min(i + 1, columns)):
-                axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
-                          color="black" if values[i, j] > 0.6 else "white", fontsize=8)
-    axes.set_xlabel("tested on experience j")
-    axes.set_ylabel("after training experience i")
-    axes.set_xticks(range(columns))
-    axes.set_yticks(range(rows))
-    axes.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axes, label="accuracy")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 # ---------------------------------------------------------------------------------------------- run
 def _check(config: RunConfig) -> None:
     positive = {"train.epochs": config.train.epochs, "train.batch_size": config.train.batch_size,

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..report import draw_matrix
+
 __all__ = ["pareto_front", "plot_bench"]
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -38,7 +40,6 @@ def plot_bench(table: Any, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -81,9 +82,7 @@ def plot_bench(table: Any, out_dir: Path) -> list[Path]:
             lines = math.ceil(len(runs) / columns)
             figure, grid = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.0 * lines), squeeze=False)
             for axes, (method, accuracy) in zip(grid.flat, runs.items()):
-                values = np.array(accuracy, dtype=float)
-                shown = np.ma.masked_array(values, mask=np.triu(np.ones_like(values, dtype=bool), k=1))
-                axes.imshow(shown, vmin=0, vmax=1, cmap=plt.get_cmap("viridis").with_extremes(bad="#dddddd"))
+                draw_matrix(axes, accuracy, annotate=False)
                 axes.set_title(method, fontsize=9)
                 axes.set_xticks([])
                 axes.set_yticks([])

@@ -104,6 +104,26 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, nf: int = 64) -> nn.Mo
     return _ResNet(num_classes, in_channels, nf)
 
 
+class ResNetFeatures(nn.Module):
+    """A ResNet of :func:`resnet18` without its head, its layers under their own names (a backbone for the heads
+    of :mod:`lightning_cskl.avalanche`).
+
+    Example:
+        >>> import torch
+        >>> ResNetFeatures(resnet18(5, nf=8))(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        for name in ("conv1", "bn1", "relu", "layer1", "layer2", "layer3", "layer4", "pool"):
+            self.add_module(name, getattr(net, name))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.pool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+
 class _InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
         super().__init__()
