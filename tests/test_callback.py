@@ -299,3 +299,33 @@ def test_a_train_also_typo_fails_when_the_first_fit_starts(digit_tasks):
     cb = CenterKernelCallback(train_also=["heads.9"])
     with pytest.raises(ValueError, match=r"train_also lists \['heads.9'\], which are not modules of TaskClassifier"):
         fit_task(make_model(), cb, digit_tasks[0], 0, epochs=1)
+
+
+@pytest.mark.parametrize("form", ["flat", "nested"])
+def test_lightning_cli_yaml_configures_the_callback(tmp_path, form):
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_cskl.lightning.module import TaskClassifier
+
+    options = {"channel_ratio": 0.5, "score_batches": 2}
+    init_args = {**options, "statistics_head": "lda"} if form == "flat" else {"config": options,
+                                                                               "statistics_head": "lda"}
+    config = {"trainer": {"max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                          "callbacks": [{"class_path": "lightning_cskl.CenterKernelCallback", "init_args": init_args}]},
+              "model": {"backbone": {"class_path": "torch.nn.Identity"}, "feature_dim": 4, "n_tasks": 2,
+                        "classes_per_task": 2}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(TaskClassifier, run=False, args=["--config", str(path)])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, CenterKernelCallback))
+    assert (cb.config.channel_ratio, cb.config.score_batches, cb.statistics.rule) == (0.5, 2, "lda")
+
+
+def test_options_beside_a_config_override_its_fields():
+    from lightning_cskl.core import CenterKernelConfig
+
+    cb = CenterKernelCallback(CenterKernelConfig(channel_ratio=0.5, score_batches=3), score_batches=5)
+    assert (cb.config.channel_ratio, cb.config.score_batches) == (0.5, 5)
+    with pytest.raises(TypeError, match="chanel_ratio"):
+        CenterKernelCallback(CenterKernelConfig(), chanel_ratio=0.5)

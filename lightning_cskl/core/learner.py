@@ -188,7 +188,8 @@ class CenterKernelLearner:
     """The method, independent of any training framework.
 
     Args:
-        config: the method's options (:class:`CenterKernelConfig`); keyword options may be given instead.
+        config: the method's options (:class:`CenterKernelConfig`); keyword options may be given instead, or
+            beside it to override its fields.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
@@ -208,7 +209,11 @@ class CenterKernelLearner:
 
     def __init__(self, config: Optional[CenterKernelConfig] = None, **options: Any) -> None:
         if config is not None and options:
-            raise TypeError("pass either a CenterKernelConfig or keyword options, not both")
+            # options at their default values count as not given (configuration tools such as LightningCLI pass
+            # every published option); the others override the config's fields
+            defaults = CenterKernelConfig().as_dict()
+            options = {k: v for k, v in options.items() if k not in defaults or v != defaults[k]}
+            config = CenterKernelConfig(**{**config.as_dict(), **options}) if options else config
         self.config = config if config is not None else CenterKernelConfig(**options)
         self.model: Optional[nn.Module] = None
         self.layers: dict[str, _Layer] = {}
