@@ -28,7 +28,10 @@ class CenterKernelConfig:
             center carries the most knowledge in deeper layers; 1×1 convolutions only if there is no k×k one;
             ``"all"``: every odd-kernel convolution, grouped and
             depthwise included; a list of qualified module names; or a regular expression matched in full
-            against qualified names. A 1×1 convolution is all center: its whole weight trains in place.
+            against qualified names. A 1×1 convolution is all center: its whole weight trains in place. On
+            depthwise-separable nets "auto" picks depthwise convolutions (one center scale per channel); on
+            MobileNetV2 their centers never moved (their null space holds only dead channels) and training the
+            1×1 convolutions of the same blocks instead was no more accurate (BENCHMARKS.md, issue 9).
         channel_ratio: fraction of input channels per layer whose center weights may change in a task, (0, 1].
         selection: how channels are chosen: ``"gradient"`` (DCES), ``"magnitude"`` or ``"random"``.
         score_batches: optimizer steps at the start of a task that only accumulate DCES scores (their
