@@ -329,3 +329,18 @@ def test_options_beside_a_config_override_its_fields():
     assert (cb.config.channel_ratio, cb.config.score_batches) == (0.5, 5)
     with pytest.raises(TypeError, match="chanel_ratio"):
         CenterKernelCallback(CenterKernelConfig(), chanel_ratio=0.5)
+
+
+def test_a_task_that_fails_at_its_end_leaves_the_model_plain(digit_tasks):
+    model = make_model()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def broken_forward(module, batch):
+        raise KeyError("the end-of-task pass cannot read this batch")
+
+    cb = CenterKernelCallback(score_batches=1, forward_fn=broken_forward)
+    with pytest.raises(KeyError, match="cannot read this batch"):
+        fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert cb.learner.tasks_seen == 0

@@ -380,6 +380,9 @@ class CenterKernelLearner:
             run_forward: runs the model over (a representative part of) the task's data; it is called once
                 in eval mode under ``torch.no_grad()`` while forward hooks collect center inputs.
             fold: merge branches back into the kernels (the model is plain again).
+
+        If ``run_forward`` raises, the task is not recorded (``tasks_seen`` does not move) but the model is still
+        folded back and unfrozen, and the error propagates.
         """
         if self.phase == SCORING:
             log.warning(
@@ -391,16 +394,18 @@ class CenterKernelLearner:
             log.warning("%d optimizer steps of this task had non-finite gradients and were skipped (nothing moved "
                         "in them); NaN or infinite inputs, or a learning rate too large, cause this",
                         self.skipped_steps)
-        self.record(run_forward)
-        self.phase = IDLE
-        self.skipped_steps = 0
-        self.score_sums, self.free_bases, self._grad_masks = {}, {}, {}
-        self._step.clear()
-        self.start_centers = {}
-        if fold:
-            self.unbind()
-        else:
-            self.apply_trainability()
+        try:
+            self.record(run_forward)
+        finally:  # also when the pass raised: the model is never left rewired and frozen
+            self.phase = IDLE
+            self.skipped_steps = 0
+            self.score_sums, self.free_bases, self._grad_masks = {}, {}, {}
+            self._step.clear()
+            self.start_centers = {}
+            if fold:
+                self.unbind()
+            else:
+                self.apply_trainability()
 
     def record(self, run_forward: Callable[[], Any]) -> None:
         """Add the center-input covariance of the data that ``run_forward`` feeds through the model.
