@@ -438,3 +438,29 @@ def test_null_space_rule_never_frees_a_flat_spectrum():
     assert free.tolist() == [0] and basis.shape[2] == 0
     flat, _ = free_basis(torch.diag(torch.tensor([1.0, 1.5, 2.0])), "null_space")
     assert flat.shape[1] == 0
+
+
+def test_a_conv_registered_twice_keeps_computing_the_same_at_both_places():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), conv, nn.ReLU(), conv)
+    x = torch.randn(2, 3, 6, 6)
+    before = net(x)
+    learner = CenterKernelLearner(layers=["1"], first_task="center")
+    learner.bind(net)
+    assert net[1] is net[3] and isinstance(net[3], CenterDecoupledConv)
+    assert torch.allclose(net(x), before, atol=1e-6)
+    learner.unbind()
+    assert net[1] is net[3] is conv and torch.allclose(net(x), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["parametrizations", "hook"])
+def test_reparametrized_convs_are_refused_naming_the_layer(kind):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    if kind == "parametrizations":
+        nn.utils.parametrizations.weight_norm(net[2])
+    else:
+        nn.utils.weight_norm(net[2])
+    with pytest.raises(NoEligibleLayerError, match=r"layer '2' has a reparametrized weight"):
+        CenterKernelLearner(layers=["0", "2"]).bind(net)
+    assert not any(isinstance(m, CenterDecoupledConv) for m in net)  # nothing was rewired

@@ -133,6 +133,24 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
     return [n for n, _ in chosen]
 
 
+def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every qualified name under which ``module`` (the same object) is registered in ``model``."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module and name]
+
+
+def _refuse_reparametrized(name: str, conv: nn.Module) -> None:
+    """A weight computed from other parameters (weight norm, spectral norm, any parametrization) cannot have
+    its center moved out and folded back."""
+    from torch.nn.utils import parametrize
+
+    hooked = any(type(hook).__name__ in ("WeightNorm", "SpectralNorm") for hook in conv._forward_pre_hooks.values())
+    if parametrize.is_parametrized(conv) or hooked:
+        raise NoEligibleLayerError(
+            f"layer {name!r} has a reparametrized weight (weight norm, spectral norm or a parametrization): its "
+            "center cannot be trained apart; remove the reparametrization or leave the layer out of `layers`"
+        )
+
+
 def resolve_train_also(model: nn.Module, spec: Optional[str | list[str]]) -> list[str]:
     """Qualified names of the modules that ``train_also`` trains fully besides the centers.
 
@@ -255,6 +273,8 @@ class CenterKernelLearner:
                 f"the model's trained layers {names} differ from the layers this learner protects "
                 f"{sorted(self.covariances)}: bind the same architecture with the same `layers`"
             )
+        for name in names:  # refused before anything is rewired
+            _refuse_reparametrized(name, _conv_of(model.get_submodule(name)))
         self._flags = {id(p): p.requires_grad for p in model.parameters()}
         self.layers, self._tensors = {}, {}
         for name in names:
@@ -262,7 +282,9 @@ class CenterKernelLearner:
             conv = _conv_of(module)
             in_place = self.config.mode == "mask" or all(k == 1 for k in conv.kernel_size)
             if not in_place:
-                set_submodule(model, name, decouple_center(module, self.config.gradient_filter))
+                wrapper = decouple_center(module, self.config.gradient_filter)
+                for alias in _aliases(model, module):  # a conv registered twice computes the same at both places
+                    set_submodule(model, alias, wrapper)
             self.layers[name] = _Layer(
                 name, conv.groups, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), in_place
             )
@@ -275,7 +297,10 @@ class CenterKernelLearner:
         for name in self.layers:
             module = model.get_submodule(name)
             if isinstance(module, CenterDecoupledConv):
-                set_submodule(model, name, fold_center(module))
+                aliases = _aliases(model, module)
+                conv = fold_center(module)
+                for alias in aliases:
+                    set_submodule(model, alias, conv)
         for p in model.parameters():
             if id(p) in self._flags:
                 p.requires_grad_(self._flags[id(p)])
