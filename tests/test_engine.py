@@ -468,3 +468,28 @@ def test_reparametrized_convs_are_refused_naming_the_layer(kind):
     with pytest.raises(NoEligibleLayerError, match=r"layer '2' has a reparametrized weight"):
         CenterKernelLearner(layers=["0", "2"]).bind(net)
     assert not any(isinstance(m, CenterDecoupledConv) for m in net)  # nothing was rewired
+
+
+@pytest.mark.parametrize("arch,head", [("convnext_tiny", "classifier"), ("squeezenet1_1", "classifier"),
+                                       ("resnet18", "fc"), ("mobilenet_v2", "classifier")])
+def test_train_also_auto_is_the_classifier_head_of_real_architectures(arch, head):
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    from lightning_cskl.core.learner import resolve_train_also
+
+    assert resolve_train_also(net, "auto", resolve_layers(net, "auto")) == [head]
+
+
+def test_train_also_auto_descends_into_a_wrapper_and_keeps_every_head():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Net()
+
+    from lightning_cskl.core.learner import resolve_train_also
+
+    assert resolve_train_also(Wrapper(), "auto", ["net.conv3"]) == ["net.head"]
+    heads = nn.ModuleDict({"backbone": nn.Sequential(nn.Conv2d(1, 4, 3)), "heads": nn.ModuleList(
+        [nn.Linear(4, 2), nn.Linear(4, 2)])})
+    assert resolve_train_also(heads, "auto", ["backbone.0"]) == ["heads"]

@@ -287,8 +287,7 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             ValueError: ``train_also`` names no module of the model, or prototype replay / a statistics head is
                 asked for and no head is found.
         """
-        resolve_layers(model, self.config.layers)
-        resolve_train_also(model, self.config.train_also)
+        resolve_train_also(model, self.config.train_also, resolve_layers(model, self.config.layers))
         self._resolve_statistics(model)
         self._check_statistics(model)
         if self.prototype_replay is True or self.statistics is not None or (

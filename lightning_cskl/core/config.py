@@ -55,8 +55,9 @@ class CenterKernelConfig:
         first_task: ``"full"``: the first task trains all parameters (the base session) and its
             representations are recorded at its end; ``"center"``: every task, the first included, trains
             only centers (use :meth:`CenterKernelLearner.record` to protect a pretrained model's knowledge).
-        train_also: modules trained fully besides the centers during incremental tasks: ``"auto"`` (every
-            ``nn.Linear``: the classifier head), a list of qualified names or a regex, or None.
+        train_also: modules trained fully besides the centers during incremental tasks: ``"auto"`` (the
+            classifier head: the last child module with parameters that holds no trained convolution, see
+            :func:`~lightning_cskl.core.learner.resolve_train_also`), a list of qualified names or a regex, or None.
         gradient_filter: None (exact) or a patch size r ≥ 2: the decoupled branches back-propagate with
             gradient filtering (output gradient averaged over r×r cells), which saves only the r×r sums of their
             inputs, about r²× less activation memory for the trained layers; the forward stays exact. 1×1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -151,21 +151,39 @@ def _refuse_reparametrized(name: str, conv: nn.Module) -> None:
         )
 
 
-def resolve_train_also(model: nn.Module, spec: Optional[str | list[str]]) -> list[str]:
+def resolve_train_also(model: nn.Module, spec: Optional[str | list[str]], trained: Sequence[str] = ()) -> list[str]:
     """Qualified names of the modules that ``train_also`` trains fully besides the centers.
+
+    ``"auto"`` is the classifier head: the last child module (in registration order) that has parameters,
+    descending into it while it holds one of the ``trained`` convolutions. On a ResNet that is ``fc`` / ``head``;
+    on a LightningModule wrapping a network, the network's head; on a multi-head model, the module holding every
+    head; on SqueezeNet, its classifier of a 1×1 convolution; never the MLPs inside ConvNeXt's blocks. A network
+    that ends in a trained convolution has none.
 
     Raises:
         ValueError: a listed name or a regex matches no module of ``model``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
-        >>> resolve_train_also(net, "auto"), resolve_train_also(net, ["0"])
+        >>> resolve_train_also(net, "auto", trained=["0"]), resolve_train_also(net, ["0"])
         (['2'], ['0'])
     """
     if spec is None:
         return []
     if spec == "auto":
-        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        node, prefix = model, ""
+        while True:
+            children = [(name, child) for name, child in node.named_children()
+                        if any(True for _ in child.parameters())]
+            if not children:
+                return []  # the network ends in a trained convolution: it has no head besides it
+            name, child = children[-1]
+            qualified = f"{prefix}{name}"
+            if qualified in trained:
+                return []
+            if not any(t.startswith(qualified + ".") for t in trained):
+                return [qualified]
+            node, prefix = child, qualified + "."
     modules = [n for n, _ in model.named_modules() if n]
     if isinstance(spec, list):
         missing = [n for n in spec if n not in modules]
@@ -267,7 +285,7 @@ class CenterKernelLearner:
         if self.model is model and self.layers:
             return
         names = resolve_layers(model, self.config.layers)
-        resolve_train_also(model, self.config.train_also)  # a typo fails now, not when task 2 starts
+        resolve_train_also(model, self.config.train_also, names)  # a typo fails now, not when task 2 starts
         if self.covariances and set(self.covariances) != set(names):
             raise ValueError(
                 f"the model's trained layers {names} differ from the layers this learner protects "
@@ -391,7 +409,7 @@ class CenterKernelLearner:
                     self._frozen_bn.append(module)
 
     def _train_also_modules(self) -> list[str]:
-        return resolve_train_also(self._require_model(), self.config.train_also)
+        return resolve_train_also(self._require_model(), self.config.train_also, list(self.layers))
 
     def _release_batchnorm(self) -> None:
         for module in self._frozen_bn:
