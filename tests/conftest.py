@@ -13,9 +13,10 @@ def digit_tasks():
     return split_digits(n_tasks=5, seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models train fastest on one thread, and stay fast when other processes share the 2 cores."""
+    """Every test module runs on one torch thread: tiny models train fastest that way, and stay fast when other
+    processes share the 2 cores."""
     import torch
 
     threads = torch.get_num_threads()

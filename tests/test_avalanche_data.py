@@ -18,10 +18,6 @@ from lightning_cskl.models import SmallCNN
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    pass
-
 
 needs_fmnist = pytest.mark.skipif(
     not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),

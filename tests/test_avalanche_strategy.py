@@ -33,10 +33,6 @@ from lightning_cskl.models import SmallCNN
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    pass
-
 
 # Margins measured with these settings (seed 0, one CPU thread); the values are quoted at the asserts.
 EPOCHS, BATCH = 8, 32

@@ -37,11 +37,6 @@ from lightning_cskl.models import SmallCNN
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    pass
-
-
 def _tiny_benchmark(scenario: str, train: int = 300, test: int = 150):
     (data,) = split_digits(n_tasks=1)
     train_x, train_y, _ = data.train.tensors

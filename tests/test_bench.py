@@ -21,11 +21,6 @@ METHODS = ["full_finetune", "gpm", "csko_dces"]
 OPTIONS = {"csko_dces": {"score_batches": 1}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    pass
-
-
 def _small_benchmark(scenario: str, seed: int):
     (data,) = split_digits(n_tasks=1, seed=seed)
     train_x, train_y, _ = data.train.tensors

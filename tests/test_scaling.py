@@ -17,8 +17,6 @@ from lightning_cskl.experiments.scaling import (
     synthetic_tasks,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _plugin():
     from lightning_cskl.experiments.baselines import FullKernelProjectionPlugin

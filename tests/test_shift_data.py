@@ -29,11 +29,6 @@ from lightning_cskl.models import SmallCNN
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    pass
-
-
 @pytest.fixture(scope="module")
 def digits():
     """Split Digits as one task: ``((train_x, train_y), (test_x, test_y))``."""

@@ -24,9 +24,6 @@ from lightning_cskl.experiments.study import (
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
 def _tiny(tmp_path, **overrides) -> StudyConfig:
     values = dict(dataset="digits", samples_per_class=40, test_per_class=20, width=4, base_epochs=1, epochs=1,
                   probe_epochs=2,
