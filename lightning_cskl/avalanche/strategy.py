@@ -145,6 +145,8 @@ class PrototypeReplayHooks(SupervisedPlugin):
     memory: PrototypeMemory
     prototype_replay: Union[bool, str] = False
     statistics: Optional[StatisticsHead] = None
+    statistics_head: Union[Literal["auto"], StatisticsRule, None] = None  # as asked; "auto" is resolved per model
+    head: str = "auto"
     _replay_head: Optional[nn.Module] = None
     _statistics_handle: Any = None
 
@@ -160,7 +162,7 @@ class PrototypeReplayHooks(SupervisedPlugin):
 
     def _resolve_statistics(self, model: nn.Module) -> None:
         """``statistics_head="auto"``: no statistics head for multi-task models."""
-        if getattr(self, "statistics_head", None) == "auto" and is_multi_task_module(model):
+        if self.statistics_head == "auto" and is_multi_task_module(model):
             self.statistics = None
 
     def _check_statistics(self, model: nn.Module) -> None:
@@ -193,7 +195,7 @@ class PrototypeReplayHooks(SupervisedPlugin):
     def before_eval_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         self._detach_statistics()
         if self.statistics is not None and len(self.statistics):
-            self._statistics_handle = self.statistics.attach(find_head(strategy.model, getattr(self, "head", "auto")))
+            self._statistics_handle = self.statistics.attach(find_head(strategy.model, self.head))
 
     @override
     def after_eval_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:

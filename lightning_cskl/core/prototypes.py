@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .head import ClassMoments
+
 __all__ = ["PrototypeMemory"]
 
 
@@ -50,8 +52,7 @@ class PrototypeMemory:
         self.seed = int(seed)
         self.classes = torch.zeros(0, dtype=torch.long)
         self.prototypes = torch.zeros(0, 0)
-        self._sums: dict[int, Tensor] = {}
-        self._counts: dict[int, int] = {}
+        self._moments = ClassMoments()
         self._generator: Optional[torch.Generator] = None
 
     def __len__(self) -> int:
@@ -59,31 +60,25 @@ class PrototypeMemory:
 
     # ------------------------------------------------------------------ collection at the end of a task
     def begin_collect(self) -> None:
-        self._sums, self._counts = {}, {}
+        self._moments = ClassMoments()
 
     def collect(self, features: Tensor, labels: Tensor) -> None:
-        """Accumulate the features of one batch (``(N, F)``, or ``(N, F, ...)`` flattened) by label."""
-        features = features.detach().flatten(1).to(torch.float64).cpu()
-        labels = labels.detach().cpu()
-        finite = torch.isfinite(features).all(1)
-        if not bool(finite.all()):  # a NaN prototype would make every later replay loss NaN
-            features, labels = features[finite], labels[finite]
-        for label in labels.unique().tolist():
-            rows = features[labels == label]
-            self._sums[label] = self._sums[label] + rows.sum(0) if label in self._sums else rows.sum(0)
-            self._counts[label] = self._counts.get(label, 0) + len(rows)
+        """Accumulate the features of one batch (``(N, F)``, or ``(N, F, ...)`` flattened) by label; samples with
+        non-finite features are left out (a NaN prototype would make every later replay loss NaN)."""
+        self._moments.add(features, labels)
 
     def end_collect(self) -> None:
         """Store the class means collected since :meth:`begin_collect` (a class seen again is replaced)."""
-        if not self._sums:
+        counts, sums = self._moments.counts, self._moments.sums
+        self._moments = ClassMoments()
+        if counts is None or not bool((counts > 0).any()):
             return
         stored = {int(c): p for c, p in zip(self.classes.tolist(), self.prototypes)}
-        for label, total in self._sums.items():
-            stored[int(label)] = (total / self._counts[label]).to(torch.float32)
+        for label in (counts > 0).nonzero().squeeze(1).tolist():
+            stored[label] = (sums[label] / counts[label]).to(torch.float32)
         order = sorted(stored)
         self.classes = torch.tensor(order, dtype=torch.long)
         self.prototypes = torch.stack([stored[c] for c in order])
-        self._sums, self._counts = {}, {}
 
     # ------------------------------------------------------------------ replay while a task trains
     def begin_task(self, task_index: int) -> None:
