@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_cskl.core import CenterKernelLearner, decouple_center
+from lightning_cskl.core import CenterBranch, CenterKernelLearner
 from lightning_cskl.core.accounting import (
     StepCost,
     gradient_bytes,
@@ -75,11 +75,14 @@ def test_batchnorm_running_statistics_are_excluded_with_the_model():
     assert saved_activation_bytes(lambda: bn(x).sum()) == _bytes(x) + 2 * _bytes(bn.running_mean)
 
 
-def test_decoupled_center_saves_only_the_view_of_its_input():
-    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-    dec = decouple_center(conv)  # frozen kernel: only the 1×1 branch needs its (view of the) input
+def test_a_center_branch_saves_only_its_selected_input_channels():
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False).requires_grad_(False)
+    branch = CenterBranch(conv)  # frozen kernel: only the 1×1 branch needs its (view of the) input
     x = torch.randn(4, 8, 6, 6)
-    assert saved_activation_bytes(lambda: dec(x).sum(), exclude=dec) == _bytes(x)
+    assert saved_activation_bytes(lambda: conv(x).sum(), exclude=[*conv.parameters(), branch.param]) == _bytes(x)
+    branch.fold()
+    branch = CenterBranch(conv, torch.tensor([1, 5]))  # two of eight channels: a quarter of the input
+    assert saved_activation_bytes(lambda: conv(x).sum(), exclude=[*conv.parameters(), branch.param]) == _bytes(x) // 4
 
 
 def test_backward_inside_fn_does_not_merge_reused_addresses():
@@ -226,7 +229,10 @@ def test_measure_step_full_versus_csko_steady_state():
     cost = measure_step(model, opt, loss, batch, learner, time_steps=False)
     handle.remove()
 
-    centers = 16 * 8 + 16 * 16  # layers 'auto' = the two deepest 3×3 convs: their centers train
+    # layers 'auto' = the two deepest 3×3 convs: the centers of their selected channels (DCES keeps 6 of 8 and 12
+    # of 16 at the default ratio 0.75) train, and nothing of the unselected ones is allocated
+    assert [int(m.sum()) for m in learner.selected.values()] == [6, 12]
+    centers = 16 * 6 + 16 * 12
     trainable = centers + 16 * 4 + 4
     assert cost.trainable_parameters == trainable
     assert cost.gradient_bytes == 4 * trainable
@@ -234,11 +240,11 @@ def test_measure_step_full_versus_csko_steady_state():
     assert cost.optimizer_state_bytes == 2 * 4 * trainable + steps
     assert cost.projection_state_bytes == learner.projection_state_bytes() > 0
     assert cost.step_time_s is None and full_cost.step_time_s is not None
-    # nothing below the lowest trained layer is saved: the first branch's input (8×8×8×8 floats), per ReLU
+    # nothing below the lowest trained layer is saved: the first branch's selected input (8×6×8×8 floats), per ReLU
     # its output (8×16×4×4 floats each), per frozen BatchNorm only its 16 constant scales (it runs as an
     # affine map), the head's input, and the loss's log-softmax, int64 targets and weight sum; frozen kernels
     # add nothing (they read the same storage)
-    expected = 4 * (8 * 8 * 8 * 8 + 2 * 8 * 16 * 4 * 4 + 2 * 16 + 8 * 16 + 8 * 4) + 8 * 8 + 4
+    expected = 4 * (8 * 6 * 8 * 8 + 2 * 8 * 16 * 4 * 4 + 2 * 16 + 8 * 16 + 8 * 4) + 8 * 8 + 4
     assert cost.saved_activation_bytes == expected
     assert cost.saved_activation_bytes < full_cost.saved_activation_bytes
     assert cost.flops < full_cost.flops

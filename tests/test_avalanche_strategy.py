@@ -72,10 +72,10 @@ class FrozenStaysFrozen(SupervisedPlugin):
         assert self.frozen, "an incremental experience must freeze most parameters"
         for name, param, _ in self.frozen:  # by identity: equal values would prove nothing (STYLE.md #2)
             assert any(param is q for q in held), f"make_optimizer should hold frozen {name}"
-        self.centers = {n: learner.trained_tensor(n) for n in learner.layers}
-        self.center_values = {n: t.detach().clone() for n, t in self.centers.items()}
-        for name, center in self.centers.items():
-            assert any(center is q for q in held), f"the optimizer lacks the center of {name}"
+        self.learner = learner
+        self.center_values = {n: learner.full_center(n) for n in learner.layers}
+        for name in learner.layers:
+            assert any(learner.trained_tensor(name) is q for q in held), f"the optimizer lacks the center of {name}"
         assert len(strategy.optimizer.state) == 0, "the optimizer state must be reset at each experience"
 
     def after_training_exp(self, strategy, **kwargs):  # runs before CSKLPlugin folds the branches back
@@ -85,7 +85,11 @@ class FrozenStaysFrozen(SupervisedPlugin):
             assert torch.equal(param, before), f"frozen parameter {name} moved"
         for name, buffer, before in self.buffers:
             assert torch.equal(buffer, before), f"buffer {name} (BatchNorm statistics) moved"
-        assert any(not torch.equal(self.centers[n], self.center_values[n]) for n in self.centers), "no center moved"
+        assert any(not torch.equal(self.learner.full_center(n), v) for n, v in self.center_values.items()), \
+            "no center moved"
+        held = [p for group in strategy.optimizer.param_groups for p in group["params"]]
+        for name in self.learner.layers:  # the selected channels' centers, in the optimizer
+            assert any(self.learner.trained_tensor(name) is q for q in held), f"the optimizer lacks {name}'s center"
         self.checked += 1
 
 
@@ -228,7 +232,7 @@ class RaiseOnce(SupervisedPlugin):
 
 
 def test_an_experience_that_raised_can_be_trained_again():
-    from lightning_cskl.core import is_center_decoupled
+    from lightning_cskl.core import attached_branch
 
     bm = split_digits_benchmark("class", base_classes=6)
     torch.manual_seed(0)
@@ -240,7 +244,7 @@ def test_an_experience_that_raised_can_be_trained_again():
         strategy.train(bm.train_stream[1])  # dies mid-task, after DCES selected channels
     strategy.train(bm.train_stream[1])
     assert strategy.cskl.learner.tasks_seen == 2 and strategy.cskl.learner.phase == "idle"
-    assert not any(is_center_decoupled(m) for m in model.modules())  # folded back: the original architecture
+    assert all(attached_branch(m) is None for m in model.modules())  # folded back: the original architecture
 
 
 # ---------------------------------------------------------------------------------------------- errors

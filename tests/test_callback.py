@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_cskl import CenterKernelCallback
-from lightning_cskl.core import CenterDecoupledConv
+from lightning_cskl.core import attached_branch
 from lightning_cskl.lightning.callback import check_strategy
 from tests.lightning_helpers import Crash, loader, make_model, make_trainer
 
@@ -32,7 +32,7 @@ def test_task_sequence_learns_without_forgetting_and_folds_back(digit_tasks, tmp
     for t in range(3):
         logger = CSVLogger(tmp_path, name=f"task{t}")
         fit_task(model, cb, digit_tasks[t], t, epochs=10, logger=logger)
-        assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+        assert all(attached_branch(m) is None for m in model.modules())
         assert sum(p.numel() for p in model.parameters()) == n_params
         assert cb.learner.tasks_seen == t + 1
         acc0.append(model.evaluate(digit_tasks[0].test, seen_tasks=t + 1))
@@ -93,7 +93,7 @@ class _RecordCenters(L.Callback):
 
     def _snapshot(self, trainer):
         learner = self.cb.learner
-        return ({n: learner.trained_tensor(n).detach().clone() for n in learner.layers},
+        return ({n: learner.full_center(n) for n in learner.layers},
                 learner.phase, learner.scored_batches,
                 {n: s.clone() for n, s in learner.score_sums.items()})
 
@@ -229,12 +229,12 @@ def test_gradient_filter_option_reaches_the_branches(digit_tasks):
         seen = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.seen += [m.gradient_filter for m in pl_module.modules() if isinstance(m, CenterDecoupledConv)]
+            self.seen += [attached_branch(m).gradient_filter for m in pl_module.modules() if attached_branch(m)]
 
     check = Check()
     fit_task(model, cb, digit_tasks[1], 1, epochs=1, extra_callbacks=[check])
     assert check.seen and set(check.seen) == {2}
-    assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+    assert all(attached_branch(m) is None for m in model.modules())
 
 
 def test_statistics_head_answers_in_eval_mode_and_keeps_old_classes(digit_tasks):
@@ -273,7 +273,7 @@ def test_resume_from_an_on_exception_checkpoint_continues_the_task(digit_tasks, 
     fit_task(model, resumed, digit_tasks[1], 1, epochs=3, ckpt_path=str(tmp_path / "crash.ckpt"),
              enable_checkpointing=True)
     assert resumed.learner.tasks_seen == 2 and resumed.learner.phase == "idle"
-    assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+    assert all(attached_branch(m) is None for m in model.modules())
 
 
 def test_the_end_of_task_pass_honours_record_batches_and_the_trainers_limits(digit_tasks):
@@ -341,6 +341,6 @@ def test_a_task_that_fails_at_its_end_leaves_the_model_plain(digit_tasks):
     cb = CenterKernelCallback(score_batches=1, forward_fn=broken_forward)
     with pytest.raises(KeyError, match="cannot read this batch"):
         fit_task(model, cb, digit_tasks[0], 0, epochs=1)
-    assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+    assert all(attached_branch(m) is None for m in model.modules())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert cb.learner.tasks_seen == 0

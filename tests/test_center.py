@@ -1,18 +1,14 @@
-"""Decoupling and folding the kernel center: function preservation, fold-back, and bad input."""
+"""The center branch beside a convolution: function preservation, exact fold-back, gradients, what backward
+saves, the module's own structure and state_dict, and bad input."""
 
+import copy
 import itertools
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_cskl.core import (
-    CenterDecoupledConv,
-    center_index,
-    decouple_center,
-    fold_center,
-    is_center_decoupled,
-)
+from lightning_cskl.core import CenterBranch, attached_branch, center_index
 
 torch.manual_seed(0)
 
@@ -39,8 +35,13 @@ def _build(cls, in_ch, out_ch, **kw):
         return None
 
 
+def _channels(conv, every_other=True):
+    """Every other input channel of a groups=1 convolution (None: all channels, the only choice when grouped)."""
+    return torch.arange(0, conv.in_channels, 2) if conv.groups == 1 and every_other else None
+
+
 @pytest.mark.parametrize("cfg", GRID_2D[::3], ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_decoupled_conv2d_computes_the_same_function(cfg):
+def test_a_branch_keeps_the_function_and_folds_back_exactly(cfg):
     conv = _build(nn.Conv2d, 4, 8, **cfg)
     if conv is None:
         pytest.skip("combination refused by torch")
@@ -49,83 +50,164 @@ def test_decoupled_conv2d_computes_the_same_function(cfg):
         expected = conv(x)
     except RuntimeError:
         pytest.skip("padding larger than the input for this mode")
-    original_weight = conv.weight.detach().clone()
-    dec = decouple_center(conv)
-    assert isinstance(dec, CenterDecoupledConv) and is_center_decoupled(dec)
-    assert (dec(x) - expected).abs().max() <= 1e-5
-    folded = fold_center(dec)
-    assert folded is conv and type(folded) is nn.Conv2d
-    assert torch.equal(folded.weight, original_weight)
-    assert (folded(x) - expected).abs().max() <= 1e-5
+    original = conv.weight.detach().clone()
+    branch = CenterBranch(conv, _channels(conv))
+    assert type(conv) is nn.Conv2d and attached_branch(conv) is branch
+    assert (conv(x) - expected).abs().max() <= 1e-5
+    assert torch.equal(conv.state_dict()["weight"], original)  # the emitted weight holds the centers
+    assert branch.fold() is conv and attached_branch(conv) is None
+    assert torch.equal(conv.weight, original)
+    assert (conv(x) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("cls,shape", [(nn.Conv1d, (2, 6, 13)), (nn.Conv3d, (2, 6, 7, 8, 6))])
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, "same", 2), (2, 3, 1)])
-def test_conv1d_and_conv3d(cls, shape, stride, padding, dilation):
-    conv = cls(6, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=2)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv1d_and_conv3d(cls, shape, stride, padding, dilation, groups):
+    conv = cls(6, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=groups)
     x = torch.randn(*shape)
     expected = conv(x)
-    dec = decouple_center(conv)
-    assert (dec(x) - expected).abs().max() <= 1e-5
+    CenterBranch(conv, _channels(conv))
+    assert (conv(x) - expected).abs().max() <= 1e-5
 
 
 def test_depthwise_branch_is_a_per_channel_scale():
     conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
     x = torch.randn(3, 6, 5, 5)
     expected = conv(x)
-    dec = decouple_center(conv)
-    assert dec.center.shape == (6, 1)
-    assert (dec(x) - expected).abs().max() <= 1e-5
+    branch = CenterBranch(conv)
+    assert branch.param.shape == (6, 1)
+    assert (conv(x) - expected).abs().max() <= 1e-5
 
 
-
-def test_learned_center_is_merged_on_fold():
+def test_a_learned_center_is_merged_on_fold():
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    dec = decouple_center(conv)
+    branch = CenterBranch(conv, torch.tensor([1]))
     with torch.no_grad():
-        dec.center.add_(0.5)
+        branch.param.add_(0.5)
     x = torch.randn(2, 3, 6, 6)
-    out = dec(x)
-    folded = fold_center(dec)
-    assert (folded(x) - out).abs().max() <= 1e-5
-    assert fold_center(folded) is folded  # idempotent
+    out = conv(x)
+    assert torch.equal(branch.full_center()[:, 1], conv.state_dict()["weight"][:, 1, 1, 1])
+    branch.fold()
+    assert (conv(x) - out).abs().max() <= 1e-5
+    assert branch.fold() is conv  # idempotent
 
 
-def test_only_center_is_trainable_and_gradient_matches_kernel_center():
+@pytest.mark.parametrize("channels", [None, [0, 2]])
+def test_gradients_equal_the_kernel_centers_and_the_input_gradient_is_exact(channels):
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-    reference = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-    reference.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 3, 9, 9)
+    reference = copy.deepcopy(conv)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
     reference(x).square().sum().backward()
-    dec = decouple_center(conv)
-    dec(x).square().sum().backward()
-    assert not dec.conv.weight.requires_grad and dec.conv.weight.grad is None
-    assert torch.allclose(dec.center.grad, reference.weight.grad[:, :, 1, 1], atol=1e-5)
+    expected_x = x.grad.clone()
+    x.grad = None
+    conv.requires_grad_(False)
+    branch = CenterBranch(conv, None if channels is None else torch.tensor(channels))
+    conv(x).square().sum().backward()
+    assert conv.weight.grad is None
+    index = slice(None) if channels is None else channels
+    assert torch.allclose(branch.param.grad, reference.weight.grad[:, index, 1, 1], atol=1e-5)
+    assert torch.allclose(x.grad, expected_x, atol=1e-5)
 
 
-def test_decouple_is_idempotent_and_keeps_device_and_dtype():
-    conv = nn.Conv2d(2, 2, 3).double()
-    dec = decouple_center(conv)
-    assert decouple_center(dec) is dec
-    assert dec.center.dtype == torch.float64
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves while ``fn`` runs its forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
 
 
-def test_even_kernel_is_refused_with_a_clear_message():
+def test_backward_saves_only_the_selected_channels_of_an_input_without_gradient():
+    conv = nn.Conv2d(16, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(4, 16, 12, 12)
+    whole = _saved_bytes(lambda: CenterBranch(copy.deepcopy(conv)).conv(x))
+    branch = CenterBranch(conv, torch.arange(4))
+    quarter = _saved_bytes(lambda: conv(x))
+    assert quarter < 0.3 * whole, (quarter, whole)
+    # an input that needs a gradient is saved by the convolution anyway: the branch adds no storage of its own
+    y = x.clone().requires_grad_(True)
+    plain = copy.deepcopy(conv)
+    branch.fold()
+    assert _saved_bytes(lambda: plain(y)) == _saved_bytes(lambda: CenterBranch(conv, torch.arange(4)).conv(y))
+
+
+def test_the_module_keeps_its_parameters_and_state_dict_and_loads_plain_checkpoints():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    names = [n for n, _ in conv.named_parameters()]
+    branch = CenterBranch(conv, torch.tensor([0, 3]))
+    with torch.no_grad():
+        branch.param.mul_(2)
+    x = torch.randn(2, 4, 5, 5)
+    out = conv(x)
+    assert [n for n, _ in conv.named_parameters()] == names and list(conv.state_dict()) == ["weight", "bias"]
+    # a checkpoint written now loads into the plain architecture and computes the same
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    assert torch.allclose(plain(x), out, atol=1e-6)
+    # and loads back into a module with a branch, bit for bit
+    other = nn.Conv2d(4, 6, 3, padding=1)
+    other_branch = CenterBranch(other, torch.tensor([0, 3]))
+    other.load_state_dict(conv.state_dict())
+    assert torch.equal(other_branch.param, branch.param) and torch.equal(other.weight, conv.weight)
+
+
+def test_a_deep_copy_owns_its_branch():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    branch = CenterBranch(conv)
+    twin = copy.deepcopy(conv)
+    twin_branch = attached_branch(twin)
+    assert twin_branch is not branch and twin_branch.param is not branch.param
+    twin_branch.fold()
+    assert attached_branch(conv) is branch and conv._forward_hooks and not twin._forward_hooks
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.allclose(twin(x), conv(x), atol=1e-6)
+
+
+def test_a_user_forward_hook_sees_the_output_with_its_center():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    seen = []
+    conv.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    branch = CenterBranch(conv, torch.tensor([0, 2]))
+    with torch.no_grad():
+        branch.param.add_(1.0)
+    out = conv(torch.randn(1, 3, 5, 5))
+    assert torch.equal(seen[-1], out.detach())
+
+
+def test_even_kernels_bad_channels_and_a_second_branch_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match=r"kernel_size=\(2, 3\) has no center element.*odd"):
-        decouple_center(nn.Conv2d(2, 2, (2, 3)))
+        CenterBranch(nn.Conv2d(2, 2, (2, 3)))
     with pytest.raises(ValueError, match="must be odd"):
         center_index(4)
+    with pytest.raises(ValueError, match=r"channels=\[1, 1\] is not allowed for Conv2d\(in_channels=4, groups=1\)"):
+        CenterBranch(nn.Conv2d(4, 2, 3), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"groups=2\): give distinct sorted input channels"):
+        CenterBranch(nn.Conv2d(4, 2, 3, groups=2), torch.tensor([0]))
+    conv = nn.Conv2d(2, 2, 3)
+    CenterBranch(conv)
+    with pytest.raises(ValueError, match="already has a center branch"):
+        CenterBranch(conv)
+    with pytest.raises(ValueError, match="gradient_filter=1 is not allowed"):
+        CenterBranch(nn.Conv2d(2, 2, 3), gradient_filter=1)
 
 
 def test_non_conv_is_refused():
     with pytest.raises(TypeError, match="needs an nn.Conv1d/Conv2d/Conv3d, got Linear"):
-        decouple_center(nn.Linear(2, 2))
+        CenterBranch(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="got ConvTranspose2d"):
-        decouple_center(nn.ConvTranspose2d(2, 2, 3))
+        CenterBranch(nn.ConvTranspose2d(2, 2, 3))
 
 
 def test_unbatched_input_is_supported():
     conv = nn.Conv2d(3, 5, 3, padding=1)
     x = torch.randn(3, 6, 6)
     expected = conv(x)
-    assert (decouple_center(conv)(x) - expected).abs().max() <= 1e-5
+    CenterBranch(conv, torch.tensor([0, 1]))
+    assert (conv(x) - expected).abs().max() <= 1e-5

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from lightning_cskl.core import (
-    CenterDecoupledConv,
     CenterKernelConfig,
     CenterKernelLearner,
     NoEligibleLayerError,
@@ -17,6 +16,7 @@ from lightning_cskl.core import (
     resolve_layers,
     select_channels,
 )
+from lightning_cskl.core.center import attached_branch
 from lightning_cskl.core.projection import NULL_SPACE_MAX_SHARE, NULL_SPACE_RTOL
 
 from .engine_helpers import Net, low_rank_data
@@ -113,11 +113,11 @@ def test_old_task_output_change_is_bounded_for_every_optimizer(optimizer, rule, 
                                   criterion=criterion, energy=0.9, energy_step=0.0, channel_ratio=0.75,
                                   null_space_reference=reference)
     record_old_task(learner, net, x_old)
-    before = {n: learner.trained_tensor(n).detach().clone() for n in learner.layers}
+    before = {n: learner.full_center(n) for n in learner.layers}
     train(learner, net, x_new, y_new, OPTIMIZERS[optimizer], steps=12, closure=closure)
     checked = 0
     for name in learner.layers:
-        delta = (learner.trained_tensor(name).detach() - before[name]).double()
+        delta = (learner.full_center(name) - before[name]).double()
         selected = learner.selected[name]
         assert torch.all(delta[:, ~selected] == 0), f"{name}: unselected channels moved"
         cov = learner.covariances[name][0].double()
@@ -151,9 +151,9 @@ def test_without_projection_old_outputs_change_much_more():
         learner = CenterKernelLearner(layers=["conv1"], first_task="center", score_batches=1, project=project,
                                       channel_ratio=1.0)
         record_old_task(learner, net, x_old)
-        before = learner.trained_tensor("conv1").detach().clone()
+        before = learner.full_center("conv1")
         train(learner, net, x_new, y_new, OPTIMIZERS["adam"], steps=10)
-        delta = (learner.trained_tensor("conv1").detach() - before).double()
+        delta = (learner.full_center("conv1") - before).double()
         cov = learner.covariances["conv1"][0].double()
         changes[project] = torch.trace(delta @ cov @ delta.T).item()
     assert changes[False] > 1e3 * changes[True]
@@ -165,16 +165,25 @@ def test_frozen_tensors_are_bit_identical_and_batchnorm_does_not_drift():
     learner = CenterKernelLearner(layers=["conv2", "conv3"], first_task="center", score_batches=1)
     record_old_task(learner, net, torch.randn(32, 3, 6, 6))
     learner.bind(net)
-    frozen = {k: v.detach().clone() for k, v in net.state_dict().items() if not k.endswith("center")}
+    frozen = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    names = [n for n, _ in net.named_parameters()]
     train(learner, net, torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,)), OPTIMIZERS["adamw"], steps=6)
+    # mid-task the model keeps its structure: types, parameter names, state_dict keys
+    assert type(net.conv2) is nn.Conv2d and attached_branch(net.conv2) is not None
+    assert [n for n, _ in net.named_parameters()] == names
     state = net.state_dict()
+    assert list(state) == list(frozen)
+    center = (slice(None), slice(None), 1, 1)
     for key, value in frozen.items():
         if key.startswith("head"):
             continue
+        if key in ("conv2.weight", "conv3.weight"):  # every tap but the centers is untouched
+            mask = torch.ones_like(value, dtype=torch.bool)
+            mask[center] = False
+            assert torch.equal(state[key][mask], value[mask]), f"{key} changed off center"
+            continue
         assert torch.equal(state[key], value), f"{key} changed"
-    # non-center taps of the decoupled kernels were zero-centred copies: they too are untouched
-    assert isinstance(net.conv2, CenterDecoupledConv)
-    changed = [n for n in ("conv2", "conv3") if not torch.equal(learner.trained_tensor(n), frozen[f"{n}.conv.weight"][:, :, 1, 1])]
+    changed = [n for n in ("conv2", "conv3") if not torch.equal(state[f"{n}.weight"][center], frozen[f"{n}.weight"][center])]
     assert changed, "no center moved"
     assert not torch.equal(state["head.weight"], frozen["head.weight"])
 
@@ -185,8 +194,8 @@ def test_end_task_folds_back_and_restores_flags():
     learner = CenterKernelLearner(layers="all", first_task="center", score_batches=1)
     train(learner, net, torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), OPTIMIZERS["sgd"], steps=3)
     learner.end_task(lambda: net(torch.randn(8, 3, 6, 6)))
-    assert not any(isinstance(m, CenterDecoupledConv) for m in net.modules())
-    assert type(net.conv2) is nn.Conv2d
+    assert all(attached_branch(m) is None for m in net.modules())
+    assert not any(m._forward_hooks or m._state_dict_hooks or m._load_state_dict_pre_hooks for m in net.modules())
     assert not net.conv1.bias.requires_grad and net.conv2.weight.requires_grad
     assert all(m.training for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     assert learner.tasks_seen == 1 and set(learner.covariances) == {"conv1", "conv2", "conv3"}
@@ -281,7 +290,7 @@ def test_scoring_steps_move_nothing(closure):
           closure=closure)
     after = net.state_dict()
     assert torch.equal(after["head.weight"], before["head.weight"])
-    assert torch.equal(after["conv2.center"], before["conv2.weight"][:, :, 1, 1])
+    assert torch.equal(after["conv2.weight"], before["conv2.weight"])
     assert learner.phase == "training" and learner.selected["conv2"].sum() == 6
 
 
@@ -384,9 +393,9 @@ def test_relative_rule_bounds_the_old_output_change_by_its_threshold():
                                   criterion="relative", relative_threshold=0.05)
     old = low_rank_data(64, seed=1) + 0.1 * torch.randn(64, 3, 6, 6)  # one weak direction: free below 5%
     record_old_task(learner, net, old)
-    before = learner.trained_tensor("conv1").detach().clone()
+    before = learner.full_center("conv1")
     train(learner, net, torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,)), OPTIMIZERS["adam"], steps=8)
-    delta = (learner.trained_tensor("conv1").detach() - before).double()
+    delta = (learner.full_center("conv1") - before).double()
     cov = learner.covariances["conv1"][0].double()
     top = torch.linalg.eigvalsh(cov)[-1].item()
     norm = delta.square().sum().item()
@@ -452,10 +461,18 @@ def test_a_conv_registered_twice_keeps_computing_the_same_at_both_places():
     before = net(x)
     learner = CenterKernelLearner(layers=["1"], first_task="center")
     learner.bind(net)
-    assert net[1] is net[3] and isinstance(net[3], CenterDecoupledConv)
+    learner.begin_task()
+    assert net[1] is net[3] is conv and attached_branch(conv) is not None
     assert torch.allclose(net(x), before, atol=1e-6)
+    with torch.no_grad():  # a moved center acts at both places, as a moved kernel center would
+        learner.trained_tensor("1").add_(0.5)
+        moved = conv.weight.detach().clone()
+        moved[:, :, 1, 1] = learner.full_center("1")
+        inner = nn.functional.conv2d(net[0](x), moved, conv.bias, padding=1)
+        expected = nn.functional.conv2d(inner.relu(), moved, conv.bias, padding=1)
+    assert torch.allclose(net(x), expected, atol=1e-5)
     learner.unbind()
-    assert net[1] is net[3] is conv and torch.allclose(net(x), before, atol=1e-6)
+    assert net[1] is net[3] is conv and torch.allclose(net(x), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["parametrizations", "hook"])
@@ -467,7 +484,7 @@ def test_reparametrized_convs_are_refused_naming_the_layer(kind):
         nn.utils.weight_norm(net[2])
     with pytest.raises(NoEligibleLayerError, match=r"layer '2' has a reparametrized weight"):
         CenterKernelLearner(layers=["0", "2"]).bind(net)
-    assert not any(isinstance(m, CenterDecoupledConv) for m in net)  # nothing was rewired
+    assert all(attached_branch(m) is None for m in net)  # nothing was attached
 
 
 @pytest.mark.parametrize("arch,head", [("convnext_tiny", "classifier"), ("squeezenet1_1", "classifier"),

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_cskl.core import CenterKernelLearner, decouple_center
+from lightning_cskl.core import CenterBranch, CenterKernelLearner
 from lightning_cskl.core.accounting import saved_activation_bytes
 
 
@@ -28,8 +28,8 @@ def test_filtered_backward_matches_reference(patch, size, groups, stride):
     plain = nn.Conv2d(4, 6, 3, padding=1, stride=stride, groups=groups)
     plain.load_state_dict(conv.state_dict())
     x = torch.randn(2, 4, *size, requires_grad=True)
-    dec = decouple_center(conv, gradient_filter=patch)
-    out = dec(x)
+    branch = CenterBranch(conv.requires_grad_(False), gradient_filter=patch)
+    out = conv(x)
     assert torch.allclose(out, plain(x), atol=1e-5)  # the forward is exact
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
@@ -37,16 +37,17 @@ def test_filtered_backward_matches_reference(patch, size, groups, stride):
     x_ref = x.detach().clone().requires_grad_(True)
     from lightning_cskl.core.center import center_input
 
-    x_center = center_input(dec.conv, x_ref, tuple(out.shape[2:]))
-    gx_center, gw = reference_filtered_grads(x_center, dec.center, grad_out, patch, groups)
-    assert torch.allclose(dec.center.grad, gw, atol=1e-4)
-    # the frozen kernel's input gradient is exact, the branch's is filtered
+    x_center = center_input(conv, x_ref, tuple(out.shape[2:]))
+    gx_center, gw = reference_filtered_grads(x_center, branch.param, grad_out, patch, groups)
+    assert torch.allclose(branch.param.grad, gw, atol=1e-4)
+    # the frozen kernel's input gradient is exact (its centers are zero while the branch holds them), the branch's
+    # is filtered
     x_ref.grad = None
-    frozen = dec.conv(x_ref)
+    frozen = F.conv2d(x_ref, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     frozen.backward(grad_out)
     expected_x = x_ref.grad.clone()
     expected_x_center = torch.zeros_like(x_ref)
-    center_input(dec.conv, expected_x_center, tuple(out.shape[2:])).copy_(gx_center)
+    center_input(conv, expected_x_center, tuple(out.shape[2:])).copy_(gx_center)
     assert torch.allclose(x.grad, expected_x + expected_x_center, atol=1e-4)
 
 
@@ -67,7 +68,7 @@ def test_filter_cuts_the_saved_activation_of_the_branch():
 
 def test_bad_gradient_filter_is_refused():
     with pytest.raises(ValueError, match=r"gradient_filter=1 is not allowed: use None or a patch size >= 2"):
-        decouple_center(nn.Conv2d(2, 2, 3), gradient_filter=1)
+        CenterBranch(nn.Conv2d(2, 2, 3), gradient_filter=1)
     from lightning_cskl import CenterKernelConfig
 
     with pytest.raises(ValueError, match=r"gradient_filter=2.5 is not allowed"):
@@ -77,16 +78,18 @@ def test_bad_gradient_filter_is_refused():
 def test_filtered_branch_trains_under_cpu_autocast():
     """Autograd runs the backward outside autocast: a bf16 output gradient meets the fp32 saved input/weight."""
     torch.manual_seed(0)
-    conv = decouple_center(nn.Conv2d(4, 6, 3, padding=1, bias=False), gradient_filter=2)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).requires_grad_(False)
+    branch = CenterBranch(conv, gradient_filter=2)
     x = torch.randn(2, 4, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv(x)
     assert out.dtype == torch.bfloat16
     out.float().square().mean().backward()
-    assert conv.center.grad is not None and conv.center.grad.dtype == torch.float32
-    assert torch.isfinite(conv.center.grad).all() and conv.center.grad.abs().sum() > 0
+    assert branch.param.grad is not None and branch.param.grad.dtype == torch.float32
+    assert torch.isfinite(branch.param.grad).all() and branch.param.grad.abs().sum() > 0
     # the same gradient, up to bf16 rounding, as the fp32 run
-    fp32 = decouple_center(nn.Conv2d(4, 6, 3, padding=1, bias=False), gradient_filter=2)
+    fp32 = nn.Conv2d(4, 6, 3, padding=1, bias=False).requires_grad_(False)
+    fp32_branch = CenterBranch(fp32, gradient_filter=2)
     fp32.load_state_dict(conv.state_dict())
     fp32(x).square().mean().backward()
-    assert torch.allclose(conv.center.grad, fp32.center.grad, rtol=0.1, atol=1e-2)
+    assert torch.allclose(branch.param.grad, fp32_branch.param.grad, rtol=0.1, atol=1e-2)

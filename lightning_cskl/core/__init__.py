@@ -1,6 +1,6 @@
 """The method in plain PyTorch: no Lightning, no Avalanche."""
 
-from .center import CenterDecoupledConv, center_index, center_input, decouple_center, fold_center, is_center_decoupled
+from .center import CenterBranch, attached_branch, center_index, center_input
 from .config import CenterKernelConfig
 from .covariance import CovarianceCollector, center_covariance
 from .learner import CenterKernelLearner, NoEligibleLayerError, resolve_layers
@@ -9,7 +9,7 @@ from .prototypes import PrototypeMemory
 from .selection import channel_scores, select_channels
 
 __all__ = [
-    "CenterDecoupledConv",
+    "CenterBranch",
     "CenterKernelConfig",
     "CenterKernelLearner",
     "CovarianceCollector",
@@ -19,10 +19,8 @@ __all__ = [
     "center_index",
     "center_input",
     "channel_scores",
-    "decouple_center",
-    "fold_center",
+    "attached_branch",
     "free_basis",
-    "is_center_decoupled",
     "layer_projector",
     "project_update",
     "resolve_layers",

@@ -442,7 +442,8 @@ def measure_step(
 
     Args:
         model, optimizer, loss_fn, batch, learner: see :func:`make_train_step`; ``learner`` may also
-            provide ``projection_state_bytes()``.
+            provide ``projection_state_bytes()`` and ``trainable_parameters()`` (tensors it trains beside the
+            model's own parameters count as parameters).
         warmup, repeats: see :func:`median_step_time`.
         time_steps: False skips timing (``step_time_s`` is None).
 
@@ -452,13 +453,17 @@ def measure_step(
     step = make_train_step(model, optimizer, loss_fn, batch, learner)
     inputs, targets = batch
     step()
-    saved = saved_activation_bytes(lambda: loss_fn(model(inputs), targets), exclude=model)
-    for p in model.parameters():
+    # a learner may train tensors held beside the model (CsKO's center branches): they count as parameters
+    beside = list(learner.trainable_parameters()) if hasattr(learner, "trainable_parameters") else []
+    params = list({id(p): p for p in [*model.parameters(), *beside]}.values())
+    frozen = [*model.parameters(), *model.buffers(), *beside]
+    saved = saved_activation_bytes(lambda: loss_fn(model(inputs), targets), exclude=frozen)
+    for p in params:
         p.grad = None
     loss_fn(model(inputs), targets).backward()
     if learner is not None:
         learner.before_update()
-    grads = gradient_bytes(model.parameters())
+    grads = gradient_bytes(params)
     optimizer.step()
     state = optimizer_state_bytes(optimizer)
     flops = training_flops(step)
@@ -466,7 +471,7 @@ def measure_step(
     seconds = median_step_time(step, warmup, repeats) if time_steps else None
     projection = int(learner.projection_state_bytes()) if hasattr(learner, "projection_state_bytes") else 0
     return StepCost(
-        trainable_parameters=trainable_parameter_count(model),
+        trainable_parameters=trainable_parameter_count(params),
         flops=flops,
         saved_activation_bytes=saved,
         gradient_bytes=grads,

@@ -1,42 +1,38 @@
-"""Decouple the center element of a convolution kernel into a trainable 1×1 branch, and fold it back.
+"""Train the center taps of a convolution beside it, and fold them back, without touching the model's structure.
 
-The decoupled module computes ``conv_kxk(x; W with center zeroed) + conv_1x1(x'; W_c)`` where ``x'`` holds
-exactly the input pixels that the kernel's center tap reads. Only ``W_c`` needs a weight gradient, which
-is what makes training cheap; folding adds ``W_c`` back into the kernel center and returns the original
-module, so the deployed network keeps its architecture and inference cost.
+While a task trains, a :class:`CenterBranch` holds the center taps of one convolution's selected input channels as
+its own parameter and zeroes those taps in the kernel; a forward hook adds ``conv_1x1(x'; W_c)`` to the
+convolution's output, where ``x'`` holds exactly the input pixels the kernel's center reads, so the function is
+unchanged. The module keeps its type, its parameters and their names, and its ``state_dict`` keys: the branch is
+a plain attribute of the convolution, and its state-dict hooks write the centers into the emitted ``weight`` (and
+take them from a loaded one), so a checkpoint written mid-task loads into the plain architecture. Only ``W_c``
+needs a weight gradient: its size, its optimizer state and its weight-gradient FLOPs scale with the number of
+selected channels, and when the convolution's input needs no gradient only those channels of the input are
+saved for backward. :meth:`CenterBranch.fold` writes the centers back and removes every hook.
 
 Example:
     >>> import torch
     >>> conv = torch.nn.Conv2d(4, 8, 3, padding=1)
     >>> x = torch.randn(2, 4, 6, 6)
     >>> before = conv(x)
-    >>> dec = decouple_center(conv)
-    >>> torch.allclose(dec(x), before, atol=1e-5)
+    >>> branch = CenterBranch(conv, channels=torch.tensor([0, 2]))
+    >>> tuple(branch.param.shape), type(conv).__name__, sorted(conv.state_dict())
+    ((8, 2), 'Conv2d', ['bias', 'weight'])
+    >>> torch.allclose(conv(x), before, atol=1e-5) and torch.equal(conv.state_dict()["weight"][:, :, 1, 1][:, 0], branch.param[:, 0])
     True
-    >>> folded = fold_center(dec)
-    >>> folded is conv and torch.allclose(folded(x), before, atol=1e-5)
+    >>> _ = branch.fold(); torch.allclose(conv(x), before, atol=1e-5)
     True
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "CenterDecoupledConv",
-    "center_index",
-    "center_input",
-    "center_slice",
-    "decouple_center",
-    "fold_center",
-    "is_center_decoupled",
-    "is_eligible_conv",
-    "set_submodule",
-]
+__all__ = ["CenterBranch", "attached_branch", "center_index", "center_input", "center_slice", "is_eligible_conv"]
 
 _ConvNd = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -179,95 +175,203 @@ class _FilteredPointwise(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-class CenterDecoupledConv(nn.Module):
-    """A convolution whose kernel center is held in a separate trainable 1×1 branch.
+class _SelectedPointwise(torch.autograd.Function):
+    """A 1×1 convolution over some input channels, whose backward saves only what it needs.
+
+    ``channels`` (or None: all) are the input channels read. When the input needs no gradient, only those channels
+    are saved (``k/C`` of the input); when it does, the input itself is saved, which costs nothing more because the
+    convolution beside the branch keeps it for its own input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, channels: Optional[Tensor], groups: int) -> Tensor:
+        ndim = x.dim() - 2
+        selected = x if channels is None else x.index_select(1, channels)
+        out = _CONV_FN[ndim](selected, weight.reshape(*weight.shape, *([1] * ndim)), None, 1, 0, 1, groups)
+        ctx.groups, ctx.channels, ctx.in_channels = groups, channels, x.shape[1]
+        ctx.keeps_input = channels is not None and ctx.needs_input_grad[0]
+        ctx.save_for_backward(x if ctx.keeps_input else selected, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved, weight = ctx.saved_tensors
+        channels, groups = ctx.channels, ctx.groups
+        selected = saved.index_select(1, channels) if ctx.keeps_input else saved
+        # under autocast the saved input, the output gradient and the (fp32) weight may differ in dtype: compute in
+        # the widest (autograd casts each gradient back to its input's dtype)
+        dtype = torch.promote_types(torch.promote_types(grad_out.dtype, selected.dtype), weight.dtype)
+        n, d = grad_out.shape[:2]
+        k = selected.shape[1]
+        g = grad_out.to(dtype).reshape(n, groups, d // groups, -1)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.einsum("ngdl,ngcl->gdc", g, selected.to(dtype).reshape(n, groups, k // groups, -1))
+            grad_w = grad_w.reshape(weight.shape)
+        if ctx.needs_input_grad[0]:
+            w = weight.to(dtype).reshape(groups, d // groups, k // groups)
+            cells = torch.einsum("gdc,ngdl->ngcl", w, g).reshape(n, k, *grad_out.shape[2:])
+            if channels is None:
+                grad_x = cells
+            else:
+                grad_x = cells.new_zeros((n, ctx.in_channels, *grad_out.shape[2:])).index_copy_(1, channels, cells)
+        return grad_x, grad_w, None, None
+
+
+_ATTRIBUTE = "_center_branch"
+
+
+def attached_branch(conv: nn.Module) -> Optional["CenterBranch"]:
+    """The :class:`CenterBranch` attached to ``conv``, or None."""
+    return conv.__dict__.get(_ATTRIBUTE)
+
+
+def _forward_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
+    branch = attached_branch(module)
+    return None if branch is None else output + branch.contribution(args[0], output)
+
+
+def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    branch = attached_branch(module)
+    key = prefix + "weight"
+    if branch is not None and key in state_dict:
+        weight = state_dict[key].detach().clone()
+        branch._taps(weight).copy_(branch.param.detach().to(weight.dtype))
+        state_dict[key] = weight
+
+
+def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    branch = attached_branch(module)
+    key = prefix + "weight"
+    if branch is None or key not in state_dict or tuple(state_dict[key].shape) != tuple(module.weight.shape):
+        return
+    weight = state_dict[key].detach().clone()
+    taps = branch._taps(weight)
+    with torch.no_grad():
+        branch.param.copy_(taps.to(device=branch.param.device, dtype=branch.param.dtype))
+    taps.zero_()
+    state_dict[key] = weight
+
+
+class CenterBranch:
+    """The center taps of one convolution, trained beside it while a task runs.
+
+    Args:
+        conv: an ``nn.Conv1d/2d/3d`` with an odd kernel (see :func:`is_eligible_conv`); its parameters are frozen
+            by the caller, not here.
+        channels: sorted indices of the input channels whose centers train (a convolution with ``groups == 1``
+            only), or None for every channel.
+        gradient_filter: None (exact backward) or a patch size ``r`` ≥ 2: the branch's backward uses gradient
+            filtering and saves only the ``r``-cell sums of its input (about ``r^d``× less memory).
 
     Attributes:
-        conv: the original convolution, with its center taps zeroed and all parameters frozen.
-        center: the center taps, shape ``(out_channels, in_channels // groups)``, the only trainable tensor.
-
-        gradient_filter: ``None`` (exact backward) or a patch size ``r`` ≥ 2: the branch's backward uses
-            gradient filtering, saving only the ``r``-cell sums of its input (about ``r^d``× less memory).
-
-    Build it with :func:`decouple_center`, undo it with :func:`fold_center`.
-    """
-
-    def __init__(self, conv: _ConvNd, gradient_filter: Optional[int] = None) -> None:
-        super().__init__()
-        self.conv = conv
-        self.gradient_filter = gradient_filter
-        index = center_slice(conv.kernel_size)
-        with torch.no_grad():
-            self.center = nn.Parameter(conv.weight[index].detach().clone())
-            conv.weight[index] = 0
-        conv.weight.requires_grad_(False)
-        if conv.bias is not None:
-            conv.bias.requires_grad_(False)
-
-    @property
-    def kernel_size(self) -> tuple[int, ...]:
-        return self.conv.kernel_size
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(x)
-        ndim = len(self.conv.kernel_size)
-        x_center = center_input(self.conv, x, tuple(out.shape[-ndim:]))
-        if self.gradient_filter and torch.is_grad_enabled() and self.center.requires_grad:
-            batched = x_center if x_center.dim() == ndim + 2 else x_center.unsqueeze(0)
-            branch = _FilteredPointwise.apply(batched, self.center, self.conv.groups, self.gradient_filter)
-            return out + branch.reshape(out.shape)
-        weight = self.center.reshape(*self.center.shape, *([1] * ndim))
-        return out + _CONV_FN[ndim](x_center, weight, None, 1, 0, 1, self.conv.groups)
-
-    def extra_repr(self) -> str:
-        text = f"center={tuple(self.center.shape)}"
-        return text + (f", gradient_filter={self.gradient_filter}" if self.gradient_filter else "")
-
-
-def is_center_decoupled(module: nn.Module) -> bool:
-    """True if ``module`` is a :class:`CenterDecoupledConv`."""
-    return isinstance(module, CenterDecoupledConv)
-
-
-def decouple_center(conv: nn.Module, gradient_filter: Optional[int] = None) -> CenterDecoupledConv:
-    """Move the center taps of ``conv`` into a trainable 1×1 branch; the function is unchanged.
-
-    Idempotent: an already decoupled module is returned as is (its ``gradient_filter`` is updated).
+        param: the trained centers, ``(out_channels, len(channels))`` or ``(out_channels, in_channels // groups)``.
 
     Raises:
-        TypeError: if ``conv`` is not a Conv1d/Conv2d/Conv3d.
-        ValueError: if its kernel has an even dimension, or ``gradient_filter`` is not None or an int ≥ 2.
+        TypeError: ``conv`` is not a Conv1d/2d/3d.
+        ValueError: its kernel has an even dimension, a branch is already attached, ``channels`` is given for a
+            grouped convolution or is not a set of its input channels, or ``gradient_filter`` is invalid.
     """
-    if gradient_filter is not None and (isinstance(gradient_filter, bool) or not isinstance(gradient_filter, int)
-                                        or gradient_filter < 2):
-        raise ValueError(f"gradient_filter={gradient_filter!r} is not allowed: use None or a patch size >= 2")
-    if isinstance(conv, CenterDecoupledConv):
-        conv.gradient_filter = gradient_filter
+
+    def __init__(self, conv: nn.Module, channels: Optional[Tensor] = None, gradient_filter: Optional[int] = None) -> None:
+        if not isinstance(conv, _CONV_TYPES) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            raise TypeError(f"a center branch needs an nn.Conv1d/Conv2d/Conv3d, got {type(conv).__name__}")
+        center_index(conv.kernel_size)  # validates an odd kernel
+        if gradient_filter is not None and (isinstance(gradient_filter, bool) or not isinstance(gradient_filter, int)
+                                            or gradient_filter < 2):
+            raise ValueError(f"gradient_filter={gradient_filter!r} is not allowed: use None or a patch size >= 2")
+        if attached_branch(conv) is not None:
+            raise ValueError(f"{type(conv).__name__} already has a center branch: fold it first")
+        if channels is not None:
+            channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1).to(conv.weight.device)
+            valid = (channels.numel() > 0 and bool((channels[1:] > channels[:-1]).all())
+                     and 0 <= int(channels[0]) and int(channels[-1]) < conv.in_channels)
+            if conv.groups != 1 or not valid:
+                raise ValueError(f"channels={channels.tolist()} is not allowed for {type(conv).__name__}(in_channels="
+                                 f"{conv.in_channels}, groups={conv.groups}): give distinct sorted input channels of a "
+                                 "convolution with groups=1, or None for all")
+        self.conv = conv
+        self.channels = channels
+        self.gradient_filter = gradient_filter
+        with torch.no_grad():
+            taps = self._taps(conv.weight)
+            self.param = nn.Parameter(taps.detach().clone())
+            taps.zero_()
+        conv.__dict__[_ATTRIBUTE] = self
+        # hooks are kept by (dict attribute, key), not by handle: a deep copy of the model then folds its own copy
+        self._hooks = [self._key(conv, conv.register_forward_hook(_forward_hook, prepend=True)),
+                       self._key(conv, conv.register_state_dict_post_hook(_state_dict_hook)),
+                       self._key(conv, conv.register_load_state_dict_pre_hook(_load_pre_hook))]
+
+    @staticmethod
+    def _key(conv: nn.Module, handle: Any) -> tuple[list[str], int]:
+        dicts = [d() for d in (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))]
+        return [name for name, value in vars(conv).items() if any(value is d for d in dicts)], handle.id
+
+    def _taps(self, weight: Tensor) -> "_TapView":
+        """The trained center taps of a weight shaped like the convolution's."""
+        return _TapView(weight[center_slice(self.conv.kernel_size)], self.channels)
+
+    def contribution(self, x: Tensor, output: Tensor) -> Tensor:
+        """What the trained centers add to the convolution's ``output`` for input ``x``."""
+        conv, param = self.conv, self.param
+        ndim = len(conv.kernel_size)
+        if param.device != x.device:
+            raise RuntimeError(f"the center branch of {type(conv).__name__} is on {param.device} but its input is on "
+                               f"{x.device}: move the model before the task starts, not during it")
+        unbatched = x.dim() == ndim + 1
+        if unbatched:
+            x, output = x.unsqueeze(0), output.unsqueeze(0)
+        x_center = center_input(conv, x, tuple(output.shape[-ndim:]))
+        if self.gradient_filter and torch.is_grad_enabled() and param.requires_grad:
+            selected = x_center if self.channels is None else x_center.index_select(1, self.channels)
+            out = _FilteredPointwise.apply(selected, param, conv.groups, self.gradient_filter)
+        else:
+            out = _SelectedPointwise.apply(x_center, param, self.channels, conv.groups)
+        return out.squeeze(0) if unbatched else out
+
+    def full_center(self) -> Tensor:
+        """The convolution's whole center ``(out_channels, in_channels // groups)`` as it computes now."""
+        center = self.conv.weight[center_slice(self.conv.kernel_size)].detach().clone()
+        _TapView(center, self.channels).copy_(self.param.detach())
+        return center
+
+    def fold(self) -> nn.Module:
+        """Write the trained centers back into the kernel, remove every hook; return the convolution."""
+        conv = self.conv
+        if attached_branch(conv) is self:
+            with torch.no_grad():
+                self._taps(conv.weight).copy_(self.param.detach().to(conv.weight.dtype))
+            for names, key in self._hooks:
+                for name in names:
+                    getattr(conv, name).pop(key, None)
+            del conv.__dict__[_ATTRIBUTE]
         return conv
-    if not isinstance(conv, _CONV_TYPES) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
-        raise TypeError(f"decouple_center needs an nn.Conv1d/Conv2d/Conv3d, got {type(conv).__name__}")
-    center_index(conv.kernel_size)  # validates odd kernel
-    return CenterDecoupledConv(conv, gradient_filter)
 
 
-def fold_center(module: nn.Module) -> nn.Module:
-    """Merge the learned center back into the kernel and return the original convolution.
+class _TapView:
+    """Read and write, in place, the trained columns of a center ``(D, C/g)`` (a view into a kernel)."""
 
-    The weight stays frozen as it was during decoupling (``requires_grad`` is restored by the caller that
-    froze it). Idempotent: a module that is not decoupled is returned unchanged.
-    """
-    if not isinstance(module, CenterDecoupledConv):
-        return module
-    conv = module.conv
-    with torch.no_grad():
-        conv.weight[center_slice(conv.kernel_size)] += module.center.detach().to(conv.weight.dtype)
-    return conv
+    def __init__(self, center: Tensor, channels: Optional[Tensor]) -> None:
+        self.center = center
+        self.channels = None if channels is None else channels.to(center.device)
 
+    def detach(self) -> Tensor:
+        return self.center.detach() if self.channels is None else self.center.detach().index_select(1, self.channels)
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at qualified ``name`` (``""`` is not allowed: the root cannot be replaced)."""
-    if not name:
-        raise ValueError("the model itself cannot be replaced; pass a model that contains the convolution")
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    def to(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.detach().to(*args, **kwargs)
+
+    def copy_(self, values: Tensor) -> None:
+        with torch.no_grad():
+            if self.channels is None:
+                self.center.copy_(values)
+            else:
+                self.center.index_copy_(1, self.channels, values.to(self.center.device, self.center.dtype))
+
+    def zero_(self) -> None:
+        with torch.no_grad():
+            if self.channels is None:
+                self.center.zero_()
+            else:
+                self.center.index_fill_(1, self.channels, 0)

@@ -2,19 +2,23 @@
 
 ::
 
-    learner.bind(model)                 # resolve layers, rewire (structure only), keep original flags
-    learner.begin_task()                # freeze all but centers (+ head), keep BatchNorm frozen
-    handle = learner.attach_optimizer(optimizer)
+    learner.bind(model)                 # resolve layers, keep original flags (the model is not changed)
+    learner.begin_task()                # freeze all but centers (+ head), keep BatchNorm frozen, attach branches
+    handle = learner.attach_optimizer(optimizer)   # the branches' centers join the optimizer
     for batch in task:                  # the framework's loop
         loss.backward()
-        learner.before_update()         # first `score_batches` steps: DCES scores, gradients dropped;
-                                        # later: unselected channels / non-center taps get zero gradient
+        learner.before_update()         # first `score_batches` steps: DCES scores, gradients dropped, then
+                                        # the branches shrink to the selected channels
         optimizer.step()                # step hooks project every center update onto the free subspace
     learner.end_task(run_forward)       # covariance of this task's center inputs, fold, unfreeze
     handle.remove()
 
-Everything that must survive a checkpoint is in :meth:`CenterKernelLearner.state_dict` (tensors and plain
-values); the free bases are rebuilt from it. The learner imports torch only.
+While a task trains, each trained convolution carries a :class:`~lightning_cskl.core.center.CenterBranch` beside
+it: the module's type, its parameter names and its ``state_dict`` keys stay what they were (a checkpoint written
+mid-task loads into the plain architecture), and the branch's centers are not parameters of the model; the
+learner adds them to every optimizer it is attached to, in the group of their convolution's weight. Everything
+that must survive a checkpoint is in :meth:`CenterKernelLearner.state_dict` (tensors and plain values) and in the
+model's own ``state_dict``. The learner imports torch only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -29,9 +34,9 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .center import CenterDecoupledConv, center_slice, decouple_center, fold_center, is_eligible_conv, set_submodule
+from .center import CenterBranch, attached_branch, center_slice, is_eligible_conv
 from .config import CenterKernelConfig
-from .covariance import CovarianceCollector
+from .covariance import CovarianceCollector, all_reduce_sum_
 from .projection import layer_projector, project_update
 from .selection import channel_scores, select_channels
 from .step import ConstrainedStep, StepHandle
@@ -55,20 +60,8 @@ class NoEligibleLayerError(ValueError):
 
 
 def _candidate_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Convolutions in registration order; a decoupled wrapper stands for its inner conv."""
-    found = []
-    wrapped: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, CenterDecoupledConv):
-            found.append((name, module))
-            wrapped.add(id(module.conv))
-        elif isinstance(module, nn.modules.conv._ConvNd) and id(module) not in wrapped:
-            found.append((name, module))
-    return found
-
-
-def _conv_of(module: nn.Module) -> nn.Module:
-    return module.conv if isinstance(module, CenterDecoupledConv) else module
+    """Convolutions in registration order (a module registered twice counts once, under its first name)."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.modules.conv._ConvNd)]
 
 
 def _matches(spec: str | list[str], name: str) -> bool:
@@ -92,7 +85,7 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
         ['0', '2']
     """
     convs = _candidate_convs(model)
-    eligible = [(n, m) for n, m in convs if isinstance(m, CenterDecoupledConv) or is_eligible_conv(m)]
+    eligible = [(n, m) for n, m in convs if is_eligible_conv(m)]
     if not eligible:
         raise NoEligibleLayerError(
             f"{type(model).__name__} has no convolution that can train its center: CsKO needs nn.Conv1d/2d/3d "
@@ -104,8 +97,8 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
         # the deepest eighth (rounded down, at least two) of the k×k convolutions: the center matters most in
         # deep layers (on a ResNet-18 these are the last block's two convs, the research code's choice);
         # 1×1 convolutions (all center, so the whole weight would train) only when there is no k×k one
-        spatial = [n for n, m in eligible if any(k > 1 for k in _conv_of(m).kernel_size)]
-        pool = spatial or [n for n, m in eligible if _conv_of(m).groups == 1] or [n for n, _ in eligible]
+        spatial = [n for n, m in eligible if any(k > 1 for k in m.kernel_size)]
+        pool = spatial or [n for n, m in eligible if m.groups == 1] or [n for n, _ in eligible]
         count = min(len(pool), max(2, len(pool) // 8))
         return pool[-count:]
     names = {n for n, _ in convs}
@@ -125,17 +118,12 @@ def resolve_layers(model: nn.Module, layers: str | list[str]) -> list[str]:
             f"'all' is a regex matched in full against qualified names); eligible convolutions are: {shown}"
         )
     for n, m in chosen:
-        if not (isinstance(m, CenterDecoupledConv) or is_eligible_conv(m)):
+        if not is_eligible_conv(m):
             raise NoEligibleLayerError(
                 f"layer {n!r} ({type(m).__name__}, kernel_size={tuple(m.kernel_size)}) cannot train its center: "
                 "only nn.Conv1d/2d/3d with an odd kernel in every dimension are allowed"
             )
     return [n for n, _ in chosen]
-
-
-def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
-    """Every qualified name under which ``module`` (the same object) is registered in ``model``."""
-    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module and name]
 
 
 def _refuse_reparametrized(name: str, conv: nn.Module) -> None:
@@ -206,7 +194,7 @@ class _Layer:
     in_channels: int
     out_channels: int
     kernel_size: tuple[int, ...]
-    in_place: bool  # the conv's own weight trains (1×1 conv, or mask mode)
+    in_place: bool  # the conv's own weight trains (mask mode); else a CenterBranch holds the centers
 
 
 def _relative_output_change(before: Tensor, after: Tensor, cov: Optional[Tensor], groups: int) -> float:
@@ -269,18 +257,19 @@ class CenterKernelLearner:
         self.new_selection = False
         self._flags: dict[int, bool] = {}
         self._frozen_bn: list[nn.Module] = []
-        self._tensors: dict[str, Tensor] = {}
         self._grad_masks: dict[str, Tensor] = {}
+        self._optimizers: list[weakref.ref] = []  # optimizers the branches' centers are added to
         # bound methods, not lambdas: a deep copy of the learner (a callback copied by the user) then projects
         # its own tensors
         self._step = ConstrainedStep(self._constrained_tensors, self._projected, active=self._projecting)
 
     # ------------------------------------------------------------------ structure
     def bind(self, model: nn.Module) -> None:
-        """Resolve the trained layers of ``model`` and rewire them (idempotent; structure depends only on config).
+        """Resolve the trained layers of ``model`` and keep its ``requires_grad`` flags (idempotent; the model's
+        modules are not changed).
 
         Raises:
-            NoEligibleLayerError: see :func:`resolve_layers`.
+            NoEligibleLayerError: see :func:`resolve_layers`, or a selected convolution's weight is reparametrized.
         """
         if self.model is model and self.layers:
             return
@@ -291,56 +280,123 @@ class CenterKernelLearner:
                 f"the model's trained layers {names} differ from the layers this learner protects "
                 f"{sorted(self.covariances)}: bind the same architecture with the same `layers`"
             )
-        for name in names:  # refused before anything is rewired
-            _refuse_reparametrized(name, _conv_of(model.get_submodule(name)))
-        self._flags = {id(p): p.requires_grad for p in model.parameters()}
-        self.layers, self._tensors = {}, {}
         for name in names:
-            module = model.get_submodule(name)
-            conv = _conv_of(module)
-            in_place = self.config.mode == "mask" or all(k == 1 for k in conv.kernel_size)
-            if not in_place:
-                wrapper = decouple_center(module, self.config.gradient_filter)
-                for alias in _aliases(model, module):  # a conv registered twice computes the same at both places
-                    set_submodule(model, alias, wrapper)
-            self.layers[name] = _Layer(
-                name, conv.groups, conv.in_channels, conv.out_channels, tuple(conv.kernel_size), in_place
-            )
+            _refuse_reparametrized(name, model.get_submodule(name))
+        self._flags = {id(p): p.requires_grad for p in model.parameters()}
+        self.layers = {}
+        for name in names:
+            conv = model.get_submodule(name)
+            self.layers[name] = _Layer(name, conv.groups, conv.in_channels, conv.out_channels,
+                                       tuple(conv.kernel_size), self.config.mode == "mask")
         self.model = model
 
     def unbind(self) -> nn.Module:
         """Fold every branch back, restore ``requires_grad`` and BatchNorm behaviour; return the plain model."""
         model = self._require_model()
         self._release_batchnorm()
-        for name in self.layers:
-            module = model.get_submodule(name)
-            if isinstance(module, CenterDecoupledConv):
-                aliases = _aliases(model, module)
-                conv = fold_center(module)
-                for alias in aliases:
-                    set_submodule(model, alias, conv)
+        self._fold_branches()
         for p in model.parameters():
             if id(p) in self._flags:
                 p.requires_grad_(self._flags[id(p)])
-        self.model, self.layers, self.free_bases, self._grad_masks, self._tensors = None, {}, {}, {}, {}
+        self.model, self.layers, self.free_bases, self._grad_masks = None, {}, {}, {}
+        self._optimizers = []
         return model
 
+    def branch(self, name: str) -> Optional[CenterBranch]:
+        """The :class:`~lightning_cskl.core.center.CenterBranch` of layer ``name`` while one is attached."""
+        return attached_branch(self._require_model().get_submodule(name))
+
     def trained_tensor(self, name: str) -> Tensor:
-        """The parameter that trains for layer ``name``: the branch center, or the conv weight in place."""
-        tensor = self._tensors.get(name)
-        if tensor is None:  # looked up once per bind: modules are replaced only by bind/unbind
-            module = self._require_model().get_submodule(name)
-            tensor = module.center if isinstance(module, CenterDecoupledConv) else module.weight
-            self._tensors[name] = tensor
-        return tensor
+        """The tensor that trains for layer ``name``: its branch's centers, or the conv weight in mask mode.
+
+        Raises:
+            RuntimeError: the layer trains no tensor now (between tasks, in the base session).
+        """
+        if self.layers[name].in_place:
+            return self._require_model().get_submodule(name).weight
+        branch = self.branch(name)
+        if branch is None:
+            raise RuntimeError(f"layer {name!r} has no center branch in phase {self.phase!r}")
+        return branch.param
+
+    def full_center(self, name: str) -> Tensor:
+        """The whole center ``(out_channels, in_channels // groups)`` of layer ``name`` as the model computes now."""
+        conv = self._require_model().get_submodule(name)
+        branch = attached_branch(conv)
+        if branch is not None:
+            return branch.full_center()
+        return conv.weight[center_slice(conv.kernel_size)].detach().clone()
 
     def _center_view(self, name: str, tensor: Tensor) -> Tensor:
         layer = self.layers[name]
         return tensor[center_slice(layer.kernel_size)] if layer.in_place else tensor
 
+    def _branch_params(self) -> list[nn.Parameter]:
+        model = self._require_model()
+        branches = (attached_branch(model.get_submodule(name)) for name in self.layers)
+        return [branch.param for branch in branches if branch is not None]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that move in the current task (centers, plus ``train_also`` modules)."""
-        return [p for p in self._require_model().parameters() if p.requires_grad]
+        own = [p for p in self._require_model().parameters() if p.requires_grad]
+        return own + [p for p in self._branch_params() if p.requires_grad]
+
+    def _branch_channels(self, name: str) -> Optional[Tensor]:
+        """The input channels layer ``name``'s branch holds in this phase (None: all)."""
+        selected = self.selected.get(name)
+        if self.phase != TRAINING or selected is None or self.layers[name].groups != 1 or bool(selected.all()):
+            return None
+        return selected.nonzero().squeeze(1)
+
+    def _sync_branches(self) -> None:
+        """Attach, replace or fold the branches so that they match the phase, the selection and the device."""
+        model = self._require_model()
+        wanted = self.phase in (SCORING, TRAINING)
+        for name, layer in self.layers.items():
+            if layer.in_place:
+                continue
+            conv = model.get_submodule(name)
+            branch = attached_branch(conv)
+            channels = self._branch_channels(name) if wanted else None
+            if branch is not None:
+                same = (wanted and branch.param.device == conv.weight.device
+                        and branch.gradient_filter == self.config.gradient_filter
+                        and (branch.channels is None) == (channels is None)
+                        and (channels is None or torch.equal(branch.channels.cpu(), channels.cpu())))
+                if same:
+                    continue
+                self._release(branch.param)
+                branch.fold()
+            if wanted:
+                branch = CenterBranch(conv, channels, self.config.gradient_filter)
+                self._hold(branch.param, conv.weight)
+
+    def _fold_branches(self) -> None:
+        model = self._require_model()
+        for name in self.layers:
+            branch = attached_branch(model.get_submodule(name))
+            if branch is not None:
+                self._release(branch.param)
+                branch.fold()
+
+    def _hold(self, param: nn.Parameter, weight: Tensor) -> None:
+        """Add ``param`` to every attached optimizer, in the group of ``weight`` (else the first group)."""
+        for ref in self._optimizers:
+            optimizer = ref()
+            if optimizer is None or any(param is q for group in optimizer.param_groups for q in group["params"]):
+                continue
+            groups = [g for g in optimizer.param_groups if any(weight is q for q in g["params"])]
+            (groups or optimizer.param_groups)[0]["params"].append(param)
+
+    def _release(self, param: nn.Parameter) -> None:
+        """Take ``param`` and its state out of every attached optimizer."""
+        for ref in self._optimizers:
+            optimizer = ref()
+            if optimizer is None:
+                continue
+            for group in optimizer.param_groups:
+                group["params"] = [q for q in group["params"] if q is not param]
+            optimizer.state.pop(param, None)
 
     # ------------------------------------------------------------------ task lifecycle
     @property
@@ -355,43 +411,31 @@ class CenterKernelLearner:
         self._require_model()
         if self.phase == IDLE:
             self.score_sums, self.selected, self.scored_batches = {}, {}, 0
-            self.start_centers = {} if self.is_base_task else {
-                n: self._center_view(n, self.trained_tensor(n)).detach().cpu().clone() for n in self.layers
-            }
+            self.start_centers = {} if self.is_base_task else {n: self.full_center(n).cpu() for n in self.layers}
             if self.is_base_task:
                 self.phase = BASE
-                self._centers_into_kernels()
             elif self.config.selection == "gradient":
                 self.phase = SCORING
             else:
                 self._select({})
-        elif self.phase == TRAINING:
-            self._build_free_bases()
-        self.apply_trainability()
-
-    def _centers_into_kernels(self) -> None:
-        """For the base session: every branch's center goes back into its kernel (the branch holds zero), so that
-        the kernel trains whole, weight decay included, exactly as in plain training; the function is unchanged."""
-        model = self._require_model()
-        with torch.no_grad():
-            for name in self.layers:
-                module = model.get_submodule(name)
-                if isinstance(module, CenterDecoupledConv):
-                    fold_center(module)
-                    module.center.zero_()
+            self.apply_trainability()
+        else:
+            self.apply_trainability()
+            if self.phase == TRAINING:
+                self._build_free_bases()
 
     def apply_trainability(self) -> None:
-        """Set ``requires_grad`` for the current phase (idempotent, cheap)."""
+        """Set ``requires_grad`` and the branches for the current phase (idempotent, cheap).
+
+        Branches follow the phase (none between tasks and in the base session; every channel while DCES scores;
+        the selected channels while training) and the model's device: a model moved between ``begin_task`` and
+        training (as Lightning does after ``setup``) gets its branches rebuilt where it now lives.
+        """
         model = self._require_model()
+        self._sync_branches()
         if self.phase in (IDLE, BASE):
             for p in model.parameters():
                 p.requires_grad_(self._flags.get(id(p), True))
-            for name in self.layers:
-                module = model.get_submodule(name)
-                if isinstance(module, CenterDecoupledConv):
-                    # the kernel (center included) trains; the branch holds the original center, fixed
-                    module.center.requires_grad_(False)
-                    module.conv.weight.requires_grad_(self._flags.get(id(module.conv.weight), True))
             self._release_batchnorm()
             return
         for p in model.parameters():
@@ -417,12 +461,13 @@ class CenterKernelLearner:
         self._frozen_bn = []
 
     def end_task(self, run_forward: Callable[[], Any], fold: bool = True) -> None:
-        """Record this task's center-input covariance, then fold and unfreeze.
+        """Record this task's center-input covariance, then fold the branches back and unfreeze.
 
         Args:
             run_forward: runs the model over (a representative part of) the task's data; it is called once
                 in eval mode under ``torch.no_grad()`` while forward hooks collect center inputs.
-            fold: merge branches back into the kernels (the model is plain again).
+            fold: also unbind (the learner forgets the model; bind it again for the next task); the branches are
+                folded back either way.
 
         If ``run_forward`` raises, the task is not recorded (``tasks_seen`` does not move) but the model is still
         folded back and unfrozen, and the error propagates.
@@ -449,6 +494,7 @@ class CenterKernelLearner:
                 self.unbind()
             else:
                 self.apply_trainability()
+            self._optimizers = []
 
     def record(self, run_forward: Callable[[], Any]) -> None:
         """Add the center-input covariance of the data that ``run_forward`` feeds through the model.
@@ -483,7 +529,7 @@ class CenterKernelLearner:
         """
         effect: dict[str, dict[str, float]] = {}
         for name, start in self.start_centers.items():
-            now = self._center_view(name, self.trained_tensor(name)).detach().cpu()
+            now = self.full_center(name).cpu()
             groups = self.layers[name].groups
             effect[name] = {data: _relative_output_change(start, now, cov, groups)
                             for data, cov in (("new", new_covariances.get(name)), ("old", self.covariances.get(name)))}
@@ -499,11 +545,12 @@ class CenterKernelLearner:
             if cfg.selection == "gradient":
                 scores = channel_scores(score_sums[name], layer.groups)
             elif cfg.selection == "magnitude":
-                scores = channel_scores(self._center_view(name, self.trained_tensor(name)), layer.groups)
+                scores = channel_scores(self.full_center(name), layer.groups)
             else:
                 scores = torch.rand(layer.in_channels, generator=generator)
             self.selected[name] = select_channels(scores.cpu(), cfg.channel_ratio)
         self.phase = TRAINING
+        self.apply_trainability()  # the branches shrink to the selected channels
         self._build_free_bases()
         self.new_selection = True
 
@@ -515,6 +562,7 @@ class CenterKernelLearner:
             tensor = self.trained_tensor(name)
             cg = layer.in_channels // layer.groups
             selected = self.selected[name]
+            channels = None if layer.in_place else self._branch_channels(name)
             if cfg.project and name in self.covariances:
                 basis, free = layer_projector(
                     self.covariances[name], selected, cfg.criterion, cfg.null_space_factor, energy,
@@ -524,10 +572,13 @@ class CenterKernelLearner:
                 eye = torch.eye(cg, dtype=torch.float64).expand(layer.groups, cg, cg)
                 basis = eye * selected.reshape(layer.groups, 1, cg).to(torch.float64)
                 free = selected.reshape(layer.groups, cg).sum(1)
+            if channels is not None:  # the branch holds only the selected channels: so does its basis
+                basis = basis[:, channels.cpu()]
             self.free_bases[name] = basis.to(device=tensor.device, dtype=tensor.dtype)
             self.free_dims[name] = int(free.sum())
-            column_mask = selected.reshape(layer.groups, 1, cg).to(device=tensor.device, dtype=tensor.dtype)
-            self._grad_masks[name] = column_mask
+            if channels is None:  # every channel is held: the unselected ones are masked
+                self._grad_masks[name] = selected.reshape(layer.groups, 1, cg).to(device=tensor.device,
+                                                                                   dtype=tensor.dtype)
 
     def selection_stats(self) -> dict[str, float]:
         """Per layer: number of selected channels and free-subspace dimension (for loggers)."""
@@ -552,6 +603,7 @@ class CenterKernelLearner:
         gradients are not finite (a NaN input, a diverging optimizer), so that nothing moves in that step, as
         AMP does; such steps are counted in ``skipped_steps`` and reported when the task ends.
         """
+        self._reduce_branch_gradients()
         if self.phase == SCORING:
             self._score_step()
         elif self.phase == TRAINING:
@@ -561,6 +613,16 @@ class CenterKernelLearner:
                 self.skipped_steps += 1
                 for p in self.trainable_parameters():
                     p.grad = None
+
+    def _reduce_branch_gradients(self) -> None:
+        """Average the centers' gradients over processes (DDP averages only the model's own parameters)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for param in self._branch_params():
+            if param.grad is not None:
+                all_reduce_sum_(param.grad).div_(dist.get_world_size())
 
     def _gradients_finite(self) -> bool:
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
@@ -579,7 +641,7 @@ class CenterKernelLearner:
                 if grad is not None:
                     grads[name] = self._center_view(name, grad).detach().to(torch.float64)
             finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
-            for p in model.parameters():
+            for p in [*model.parameters(), *self._branch_params()]:
                 p.grad = None
             if not finite:
                 return
@@ -608,20 +670,32 @@ class CenterKernelLearner:
                     grad.zero_()
                     grad[center_slice(layer.kernel_size)] = center
                     grad = grad[center_slice(layer.kernel_size)]
+                if name not in self._grad_masks:  # a branch of the selected channels only: nothing to mask
+                    continue
                 d, cg = grad.shape[:2]
                 grad.view(layer.groups, d // layer.groups, cg).mul_(self._grad_masks[name])
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> StepHandle:
-        """Hook ``optimizer.step`` so that every update of a center is projected; remove the handle after.
+        """Add the branches' centers to ``optimizer`` and hook its ``step`` so that every update of a center is
+        projected; remove the handle after.
 
-        The pre-hook only snapshots the centers (optimizers that take a closure compute gradients inside
-        ``step``, after the pre-hook), the post-hook replaces the step by its projection
+        The centers join the parameter group of their convolution's weight (the first group if no group holds
+        it), now and whenever a branch is rebuilt during the task (when DCES has chosen the channels); they leave
+        it when the task ends. The pre-hook only snapshots the centers (optimizers that take a closure compute
+        gradients inside ``step``, after the pre-hook), the post-hook replaces the step by its projection
         (:class:`~lightning_cskl.core.step.ConstrainedStep`).
         """
+        if not any(ref() is optimizer for ref in self._optimizers):
+            self._optimizers.append(weakref.ref(optimizer))
+        model = self._require_model()
+        for name in self.layers:
+            branch = attached_branch(model.get_submodule(name))
+            if branch is not None:
+                self._hold(branch.param, branch.conv.weight)
         return self._step.attach(optimizer)
 
     def _constrained_tensors(self) -> dict[str, Tensor]:
-        return {name: self.trained_tensor(name) for name in self.layers}
+        return {name: self.trained_tensor(name) for name in self.layers} if self.phase == TRAINING else {}
 
     def _projecting(self) -> bool:
         return self.phase == TRAINING
@@ -680,11 +754,15 @@ class CenterKernelLearner:
         self._release_batchnorm()
 
     def abort_task(self) -> None:
-        """Forget an unfinished task (after an exception); the model stays as it is, hooks are removed."""
+        """Forget an unfinished task (after an exception): the branches are folded back with what they learned,
+        hooks are removed, the model stays bound."""
         self.phase = IDLE
         self.score_sums, self.free_bases, self.start_centers = {}, {}, {}
         self._step.clear()
         self._release_batchnorm()
+        if self.model is not None:
+            self._fold_branches()
+        self._optimizers = []
 
     def projection_state_bytes(self) -> int:
         """Bytes kept for the projection: covariances, free_bases and channel masks."""

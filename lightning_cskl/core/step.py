@@ -74,6 +74,6 @@ class ConstrainedStep:
             return
         with torch.no_grad():
             for name, tensor in self.tensors().items():
-                if name in self._snapshots:
+                if name in self._snapshots and self._snapshots[name].shape == tensor.shape:
                     tensor.copy_(self.rewrite(name, self._snapshots[name], tensor.detach()))
         self._snapshots = {}
