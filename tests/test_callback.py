@@ -162,14 +162,30 @@ def test_sharded_strategies_are_refused():
     check_strategy(DDPStrategy())
 
 
-def test_optimizer_without_center_parameters_is_refused(digit_tasks):
+def test_the_centers_join_the_optimizer_in_their_weights_group(digit_tasks):
     model = make_model()
     cb = CenterKernelCallback(score_batches=2)
     fit_task(model, cb, digit_tasks[0], 0, epochs=1)
-    early = list(model.parameters())  # captured before the callback creates the branches
-    model.configure_optimizers = lambda: torch.optim.SGD(early, lr=0.1)
-    with pytest.raises(ValueError, match=r"optimizer does not hold the center parameters of layers \['backbone.1.0'"):
-        fit_task(model, cb, digit_tasks[1], 1, epochs=1)
+    names = [n for n, _ in model.named_parameters()]
+    convs = [p for n, p in model.named_parameters() if n.startswith("backbone") and p.dim() == 4]
+    rest = [p for n, p in model.named_parameters() if not (n.startswith("backbone") and p.dim() == 4)]
+    # the usual decay / no-decay split, which Avalanche's make_optimizer could not place a new parameter into
+    model.configure_optimizers = lambda: torch.optim.SGD(
+        [{"params": convs, "weight_decay": 1e-4, "lr": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=0.1)
+
+    class Check(L.Callback):
+        seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cb.learner.phase == "training":
+                groups = trainer.optimizers[0].param_groups
+                self.seen.append([next(i for i, g in enumerate(groups) if any(t is q for q in g["params"]))
+                                  for t in map(cb.learner.trained_tensor, cb.learner.layers)])
+
+    fit_task(model, cb, digit_tasks[1], 1, epochs=1, extra_callbacks=[Check()])
+    # every trained center sat in the group of its convolution's weight, and the model kept its parameters
+    assert Check.seen and all(group == 0 for groups in Check.seen for group in groups)
+    assert [n for n, _ in model.named_parameters()] == names
 
 
 def test_wandb_offline_run_holds_selection_stats(digit_tasks, tmp_path):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_cskl.core import CenterDecoupledConv, CenterKernelLearner, decouple_center, fold_center
+from lightning_cskl.core import CenterBranch, CenterKernelLearner, attached_branch
 from lightning_cskl.core.accounting import measure_step
 from lightning_cskl.core.projection import NULL_SPACE_RTOL
 from lightning_cskl.lightning import CenterKernelCallback
@@ -52,22 +52,22 @@ def test_decouple_and_fold_on_cuda_fp32(stride, padding):
     with torch.no_grad():
         expected = conv(x)
         expected_cpu = copy.deepcopy(conv).cpu()(x.cpu())
-    dec = decouple_center(conv)
-    assert isinstance(dec, CenterDecoupledConv)
-    assert _on_device(dec.center) and _on_device(dec.conv.weight) and dec.center.dtype == torch.float32
-    assert torch.all(dec.conv.weight[:, :, 1, 1] == 0)
+    conv.requires_grad_(False)
+    branch = CenterBranch(conv, torch.arange(0, 8, 2))
+    assert _on_device(branch.param) and branch.param.dtype == torch.float32 and type(conv) is nn.Conv2d
+    assert torch.all(conv.weight[:, ::2, 1, 1] == 0)
     with torch.no_grad():
-        got = dec(x)
+        got = conv(x)
     assert _on_device(got)
     torch.testing.assert_close(got, expected, **FP32_TOL)
     torch.testing.assert_close(got.cpu(), expected_cpu, **FP32_TOL)
 
     # only the center trains, and its gradient lives on the device
-    dec(x).square().mean().backward()
-    assert dec.center.grad is not None and _on_device(dec.center.grad)
-    assert dec.conv.weight.grad is None
+    conv(x).square().mean().backward()
+    assert branch.param.grad is not None and _on_device(branch.param.grad)
+    assert conv.weight.grad is None
 
-    folded = fold_center(dec)
+    folded = branch.fold()
     assert folded is conv and type(folded) is nn.Conv2d
     assert torch.equal(folded.weight, original)  # 0 + center is exact
     assert all(_on_device(p) for p in folded.parameters())
@@ -79,16 +79,16 @@ def test_fold_after_training_on_cuda_moves_only_the_center_taps():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1, bias=False).to(CUDA)
     original = conv.weight.detach().clone()
-    dec = decouple_center(conv)
-    opt = torch.optim.SGD([dec.center], lr=0.5)
+    branch = CenterBranch(conv.requires_grad_(False))
+    opt = torch.optim.SGD([branch.param], lr=0.5)
     x = torch.randn(4, 8, 6, 6, device=CUDA)
     for _ in range(3):
         opt.zero_grad()
-        dec(x).square().mean().backward()
+        conv(x).square().mean().backward()
         opt.step()
     with torch.no_grad():
-        trained = dec(x)
-    folded = fold_center(dec)
+        trained = conv(x)
+    folded = branch.fold()
     mask = torch.ones_like(original, dtype=torch.bool)
     mask[:, :, 1, 1] = False
     assert torch.equal(folded.weight[mask], original[mask])
@@ -104,21 +104,21 @@ def test_decoupled_forward_and_backward_under_fp16_autocast(gradient_filter):
     x = torch.randn(4, 8, 8, 8, device=CUDA)
     with torch.no_grad(), torch.autocast(CUDA.type, dtype=torch.float16):
         expected = conv(x)
-    dec = decouple_center(conv, gradient_filter=gradient_filter)
+    branch = CenterBranch(conv.requires_grad_(False), torch.arange(0, 8, 2), gradient_filter=gradient_filter)
     with torch.autocast(CUDA.type, dtype=torch.float16):
-        out = dec(x)
+        out = conv(x)
     assert out.dtype == torch.float16 and _on_device(out)
     torch.testing.assert_close(out.float(), expected.float(), **FP16_TOL)
 
     # backward runs outside autocast (as Lightning and GradScaler do): the fp32 center gets an fp32 gradient
     out.float().square().mean().backward()
-    grad16 = dec.center.grad
+    grad16 = branch.param.grad
     assert grad16 is not None and grad16.dtype == torch.float32 and _on_device(grad16)
     assert torch.isfinite(grad16).all()
-    dec.center.grad = None
+    branch.param.grad = None
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        dec(x).square().mean().backward()
-    torch.testing.assert_close(grad16, dec.center.grad, atol=2e-3, rtol=5e-2)
+        conv(x).square().mean().backward()
+    torch.testing.assert_close(grad16, branch.param.grad, atol=2e-3, rtol=5e-2)
 
 
 # ---------------------------------------------------------------- 2. the engine on CUDA, two tasks
@@ -151,7 +151,7 @@ def _two_task_learner(project: bool = True, layers=LAYERS, steps: int = 12, chan
                                   project=project)
     learner.bind(net)
     learner.record(lambda: net(x_old))  # task 1: protect what the model computes on x_old
-    before = {n: learner.trained_tensor(n).detach().clone() for n in learner.layers}
+    before = {n: learner.full_center(n) for n in learner.layers}
     opt = _train_steps(learner, net, x_new, y_new, steps)
     return net, learner, opt, before, (x_new, y_new)
 
@@ -162,13 +162,13 @@ def test_engine_on_cuda_respects_the_null_space_and_keeps_tensors_on_device():
     checked = 0
     for name in learner.layers:
         tensor = learner.trained_tensor(name)
-        assert _on_device(tensor) and isinstance(net.get_submodule(name), CenterDecoupledConv)
+        assert _on_device(tensor) and attached_branch(net.get_submodule(name)) is not None
         # bases and gradient masks are built on the model's device; covariances are checkpoint state (C×C
         # per layer, accumulated in float64 on the device, stored in float32) and are kept on the CPU
         assert learner.free_bases[name].device == tensor.device
-        assert learner._grad_masks[name].device == tensor.device
+        assert all(mask.device == tensor.device for mask in learner._grad_masks.values())
         assert learner.covariances[name].device.type == "cpu" and learner.covariances[name].dtype == torch.float32
-        delta = (tensor.detach() - before[name]).double().cpu()
+        delta = (learner.full_center(name) - before[name]).double().cpu()
         selected = learner.selected[name].cpu()
         assert torch.all(delta[:, ~selected] == 0), f"{name}: unselected channels moved"
         cov = learner.covariances[name][0].double()
@@ -191,7 +191,7 @@ def test_engine_on_cuda_projection_protects_old_outputs():
     changes = {}
     for project in (True, False):
         _, learner, _, before, _ = _two_task_learner(project=project, layers=["conv1"], steps=10, channel_ratio=1.0)
-        delta = (learner.trained_tensor("conv1").detach() - before["conv1"]).double().cpu()
+        delta = (learner.full_center("conv1") - before["conv1"]).double().cpu()
         cov = learner.covariances["conv1"][0].double()
         changes[project] = torch.trace(delta @ cov @ delta.T).item()
     assert changes[False] > 1e3 * changes[True], changes
@@ -219,7 +219,7 @@ def test_engine_checkpoint_made_on_cuda_resumes_on_cpu():
         torch.testing.assert_close(other.free_bases[name], learner.free_bases[name].cpu())
 
     # the resumed CPU learner trains (projected) and finishes the task
-    before = {n: other.trained_tensor(n).detach().clone() for n in LAYERS}
+    before = {n: other.full_center(n) for n in LAYERS}
     opt = torch.optim.Adam(other.trainable_parameters(), lr=1e-2)
     handle = other.attach_optimizer(opt)
     x_cpu, y_cpu = x_new.cpu(), y_new.cpu()
@@ -229,14 +229,14 @@ def test_engine_checkpoint_made_on_cuda_resumes_on_cpu():
         other.before_update()
         opt.step()
     handle.remove()
-    assert any(not torch.equal(other.trained_tensor(n), before[n]) for n in LAYERS)
+    assert any(not torch.equal(other.full_center(n), before[n]) for n in LAYERS)
     other.end_task(lambda: cpu_net(x_cpu))
-    assert other.tasks_seen == 2 and not any(isinstance(m, CenterDecoupledConv) for m in cpu_net.modules())
+    assert other.tasks_seen == 2 and all(attached_branch(m) is None for m in cpu_net.modules())
 
     # and the CUDA learner finishes its own task on the device
     learner.end_task(lambda: net(x_new))
     assert learner.tasks_seen == 2 and all(_on_device(p) for p in net.parameters())
-    assert not any(isinstance(m, CenterDecoupledConv) for m in net.modules())
+    assert all(attached_branch(m) is None for m in net.modules())
     for name in LAYERS:  # both added task 2's covariance (different values: the CPU run trained 3 more steps)
         channels = net.get_submodule(name).in_channels
         assert other.covariances[name].shape == learner.covariances[name].shape == (1, channels, channels)
@@ -315,7 +315,7 @@ def test_callback_on_gpu_with_mixed_precision(precision, tmp_path):
     assert cb.learner.tasks_seen == 2
     assert watch.losses and np.all(np.isfinite(watch.losses)), watch.losses
     assert watch.devices == {CUDA.type}, watch.devices
-    assert not any(isinstance(m, CenterDecoupledConv) for m in model.modules())
+    assert all(attached_branch(m) is None for m in model.modules())
 
     after = _plain_state(model)
     trained = sorted(cb.learner.covariances)

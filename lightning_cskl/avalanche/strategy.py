@@ -6,11 +6,11 @@ The plugin holds no math of its own. Per experience it calls, in order:
 Avalanche hook                 learner call
 =============================  ==================================================================
 before_train_dataset_adapt.    refuse an experience without samples (before models adapt to it)
-before_training_exp            ``bind`` (rewire) + ``begin_task`` (freeze), then rebuild the
-                               optimizer from the rewired model with a fresh state and
-                               ``attach_optimizer`` (every center step is projected)
-after_backward                 ``before_update`` (DCES scoring steps drop their gradients; later
-                               steps mask unselected channels)
+before_training_exp            ``bind`` + ``begin_task`` (freeze, attach the center branches),
+                               then rebuild the optimizer from the model with a fresh state and
+                               ``attach_optimizer`` (the centers join it; every step is projected)
+after_backward                 ``before_update`` (DCES scoring steps drop their gradients; then
+                               the branches keep only the selected channels)
 after_training_exp             ``end_task``: center-input covariance of the experience, fold back
 =============================  ==================================================================
 
@@ -317,16 +317,10 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         self._resolve_statistics(model)
         self.learner.bind(model)
         self.learner.begin_task()
-        # Avalanche built the optimizer before the rewiring: take the branch parameters in, drop the ones the
-        # model no longer has, and start from a fresh state (old momentum must not leak into a new task).
+        # a fresh optimizer state (old momentum must not leak into a new task), over the model's own parameters
+        # (their names never change); the learner then adds the branches' centers, which are not parameters of
+        # the model, to the group of their convolution's weight
         strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
-        held = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
-        missing = [n for n in self.learner.layers if id(self.learner.trained_tensor(n)) not in held]
-        if missing and not self.learner.is_base_task:
-            raise RuntimeError(
-                f"the optimizer does not hold the center parameters of layers {missing}: the strategy's "
-                "make_optimizer must add every parameter of strategy.model"
-            )
         self._remove_optimizer_hooks()
         self._optimizer_handle = self.learner.attach_optimizer(strategy.optimizer)
         self._warn_if_scoring_fills(strategy)

@@ -77,13 +77,19 @@ class CenterKernelCallback(Callback):
 
     Use one instance for a sequence of tasks, with one Trainer per task:
 
-    * ``setup``: rewires the chosen convolutions (center → 1×1 branch) and freezes everything else, before
-      ``configure_optimizers`` runs, so build the optimizer from ``self.parameters()`` as usual;
-    * ``on_before_optimizer_step``: masks gradients; the optimizer's own step hooks make the first
-      ``score_batches`` steps of a task score channels (no weight moves) and project every later update
-      onto the free subspace of old-task center inputs, whatever the optimizer;
+    * ``setup``: freezes everything but the classifier head, before ``configure_optimizers`` runs (and before
+      DDP wraps the model); build the optimizer from ``self.parameters()`` as usual;
+    * ``on_fit_start``: attaches a center branch beside each chosen convolution (the model keeps its modules,
+      parameter names and ``state_dict`` keys) and adds its centers to every optimizer, in the parameter group
+      of the convolution's weight (else the first group), before a checkpoint's optimizer state is restored;
+    * ``on_before_optimizer_step``: the first ``score_batches`` steps of a task score channels (no weight
+      moves), then the branches keep only the selected channels; the optimizer's own step hooks project every
+      update onto the free subspace of old-task center inputs, whatever the optimizer;
     * ``on_train_end``: records this task's center-input covariance from the training data and folds the
-      branches back, so between tasks the model has its original architecture.
+      branches back into the kernels.
+
+    A checkpoint written mid-task holds the plain architecture's keys (the centers are written into the
+    kernels), so it loads into the model without the callback, and resumes the task exactly with it.
 
     The first task trains all parameters (``first_task="full"``, the base session) unless told otherwise.
 
@@ -175,15 +181,15 @@ class CenterKernelCallback(Callback):
         self.learner.begin_task()
 
     @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the strategy moved the model and built the optimizers, before a checkpoint's optimizer state is
+        # loaded: the branches live on the model's device and their centers are in the optimizers
         self.learner.begin_task()  # continues a task restored from a checkpoint; builds free_bases on device
-        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        missing = [n for n in self.learner.layers if id(self.learner.trained_tensor(n)) not in held]
-        if missing and not self.learner.is_base_task:
-            raise ValueError(
-                f"the optimizer does not hold the center parameters of layers {missing}: build it in "
-                "configure_optimizers from self.parameters() (the callback creates them in setup)"
-            )
+        self._remove_optimizer_hooks()
+        self._optimizer_handles = [self.learner.attach_optimizer(opt) for opt in trainer.optimizers]
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         remaining = self.config.score_batches - self.learner.scored_batches
         if self.learner.phase == SCORING and trainer.estimated_stepping_batches <= remaining:
             rank_zero_warn(
@@ -191,8 +197,6 @@ class CenterKernelCallback(Callback):
                 f"{remaining} more (score_batches={self.config.score_batches}): nothing would train. "
                 "Lower score_batches or train longer."
             )
-        self._remove_optimizer_hooks()
-        self._optimizer_handles = [self.learner.attach_optimizer(opt) for opt in trainer.optimizers]
         if self.learner.new_selection:
             self._log_selection(trainer)
 
