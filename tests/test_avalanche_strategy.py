@@ -79,8 +79,9 @@ class FrozenStaysFrozen(SupervisedPlugin):
             assert any(learner.trained_tensor(name) is q for q in held), f"the optimizer lacks the center of {name}"
         assert len(strategy.optimizer.state) == 0, "the optimizer state must be reset at each experience"
 
-    def after_training_exp(self, strategy, **kwargs):  # runs before CSKLPlugin folds the branches back
-        if strategy.cskl.learner.is_base_task:
+    def after_training_epoch(self, strategy, **kwargs):  # the last one runs before CSKLPlugin folds the branches
+        last = strategy.clock.train_exp_epochs == strategy.train_epochs - 1
+        if strategy.cskl.learner.is_base_task or not last:
             return
         state = strategy.model.state_dict()  # the kernels as the model computes them (centers included)
         trained = {f"{n}.weight" for n in strategy.cskl.learner.layers}
@@ -247,8 +248,12 @@ def test_an_experience_that_raised_can_be_trained_again():
     strategy = CSKLStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), 1e-3), train_mb_size=32,
                             train_epochs=2, eval_mb_size=512, evaluator=None, plugins=[RaiseOnce()])
     strategy.train(bm.train_stream[0])
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match="boom"):
         strategy.train(bm.train_stream[1])  # dies mid-task, after DCES selected channels
+    # the model is left plain: no branch, no hook, every flag as before the experience
+    assert all(attached_branch(m) is None and not m._forward_hooks for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     strategy.train(bm.train_stream[1])
     assert strategy.cskl.learner.tasks_seen == 2 and strategy.cskl.learner.phase == "idle"
     assert all(attached_branch(m) is None for m in model.modules())  # folded back: the original architecture
@@ -370,3 +375,42 @@ def test_a_nan_pixel_never_reaches_the_stored_state_and_later_tasks_still_train(
     after = strategy.model.state_dict()
     assert not torch.equal(before["head.classifier.weight"], after["head.classifier.weight"])
     assert learner.tasks_seen == 4
+
+
+def _regularized_run(make_plugin, cskl_first):
+    from lightning_cskl.avalanche.strategy import CSKLPlugin as Plugin
+
+    bm = split_digits_benchmark("class", base_classes=6)
+    torch.manual_seed(0)
+    model = SmallCNN(10, width=4)
+    convs = [p for n, p in model.named_parameters() if p.dim() == 4]
+    rest = [p for n, p in model.named_parameters() if p.dim() != 4]
+    # the usual decay / no-decay split: a parameter Avalanche had to place by its siblings would not fit it
+    optimizer = torch.optim.SGD([{"params": convs, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0.0}],
+                                lr=0.05)
+    cskl, other = Plugin(score_batches=2, prototype_replay=False, statistics_head=None), make_plugin()
+    strategy = Naive(model=model, optimizer=optimizer, train_mb_size=64, train_epochs=1, eval_mb_size=512,
+                     evaluator=None, plugins=[cskl, other] if cskl_first else [other, cskl])
+    names = [n for n, _ in model.named_parameters()]
+    for experience in bm.train_stream[:3]:
+        strategy.train(experience)
+        assert [n for n, _ in model.named_parameters()] == names
+    return cskl, other, model
+
+
+@pytest.mark.parametrize("cskl_first", [True, False], ids=["cskl-first", "cskl-last"])
+@pytest.mark.parametrize("kind", ["si", "rwalk", "ewc"])
+def test_avalanches_regularization_plugins_see_the_models_own_parameters(kind, cskl_first):
+    from avalanche.training.plugins import EWCPlugin, RWalkPlugin, SynapticIntelligencePlugin
+
+    make = {"si": lambda: SynapticIntelligencePlugin(si_lambda=1.0),
+            "rwalk": lambda: RWalkPlugin(ewc_lambda=1.0),
+            "ewc": lambda: EWCPlugin(ewc_lambda=1.0)}[kind]
+    cskl, other, model = _regularized_run(make, cskl_first)
+    assert cskl.learner.tasks_seen == 3 and all(p.requires_grad for p in model.parameters())
+    if kind == "ewc" and cskl_first:  # folded first, the conv kernels get an importance under their own names
+        importances = other.importances[2]
+        from lightning_cskl.core import resolve_layers
+
+        conv = resolve_layers(model, cskl.config.layers)[0]
+        assert f"{conv}.weight" in importances and importances[f"{conv}.weight"].data.abs().sum() > 0

@@ -281,9 +281,18 @@ def test_resume_from_an_on_exception_checkpoint_continues_the_task(digit_tasks, 
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit_task(model, cb, digit_tasks[1], 1, epochs=3, enable_checkpointing=True,
                  extra_callbacks=[Crash(2), OnExceptionCheckpoint(tmp_path, filename="crash")])
+    # the exception left the model plain: no branch, no hook, every parameter trainable again
+    assert all(attached_branch(m) is None and not m._forward_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
     saved = torch.load(tmp_path / "crash.ckpt", weights_only=True, map_location="cpu")
     state = next(v for k, v in saved["callbacks"].items() if "CenterKernelCallback" in k)
     assert state["phase"] == "training" and state["tasks_seen"] == 1  # written before anything was reset
+    # the mid-task checkpoint holds the plain architecture's keys and loads into it, strictly, computing the same
+    plain = make_model(seed=5)
+    plain.load_state_dict(saved["state_dict"])
+    assert list(saved["state_dict"]) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
     # a fresh callback and the same model resume the task from that file and finish it
     resumed = CenterKernelCallback(score_batches=2)
     fit_task(model, resumed, digit_tasks[1], 1, epochs=3, ckpt_path=str(tmp_path / "crash.ckpt"),

@@ -477,12 +477,23 @@ class CSKLStrategy(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=[*(plugins or ()), plugin],
+            # first: the branches are folded back before other plugins' after_training_exp (EWC's importances
+            # then see the plain, trainable model)
+            plugins=[plugin, *(plugins or ())],
             evaluator=evaluator,
             eval_every=eval_every,
             peval_mode=peval_mode,
         )
         self.cskl = plugin
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Avalanche's ``train``; if it raises, the model is left plain (branches folded back, flags restored)
+        and the next ``train`` starts the experience afresh."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            self.cskl.learner.suspend()
+            raise
 
 
 def _keyword_only(init: Callable[..., None]) -> Callable[..., None]:

@@ -55,6 +55,9 @@ TRAINING: Phase = "training"
 _PHASES = (IDLE, BASE, SCORING, TRAINING)
 
 
+_HELD = "held:"  # step-hook names of the parameters a scoring step keeps in place
+
+
 class NoEligibleLayerError(ValueError):
     """The layer specification selects no convolution that can train its center."""
 
@@ -261,7 +264,10 @@ class CenterKernelLearner:
         self._optimizers: list[weakref.ref] = []  # optimizers the branches' centers are added to
         # bound methods, not lambdas: a deep copy of the learner (a callback copied by the user) then projects
         # its own tensors
-        self._step = ConstrainedStep(self._constrained_tensors, self._projected, active=self._projecting)
+        self._holding = False  # this step scored channels: what the optimizer moves is put back after it
+        self._clear_state = False  # the selection was made: the optimizer's state of scoring steps is dropped
+        self._step = ConstrainedStep(self._constrained_tensors, self._projected, active=self._projecting,
+                                     on_done=self._step_done)
 
     # ------------------------------------------------------------------ structure
     def bind(self, model: nn.Module) -> None:
@@ -371,12 +377,13 @@ class CenterKernelLearner:
                 branch = CenterBranch(conv, channels, self.config.gradient_filter)
                 self._hold(branch.param, conv.weight)
 
-    def _fold_branches(self) -> None:
+    def _fold_branches(self, release: bool = True) -> None:
         model = self._require_model()
         for name in self.layers:
             branch = attached_branch(model.get_submodule(name))
             if branch is not None:
-                self._release(branch.param)
+                if release:
+                    self._release(branch.param)
                 branch.fold()
 
     def _hold(self, param: nn.Parameter, weight: Tensor) -> None:
@@ -550,6 +557,7 @@ class CenterKernelLearner:
                 scores = torch.rand(layer.in_channels, generator=generator)
             self.selected[name] = select_channels(scores.cpu(), cfg.channel_ratio)
         self.phase = TRAINING
+        self._clear_state = True
         self.apply_trainability()  # the branches shrink to the selected channels
         self._build_free_bases()
         self.new_selection = True
@@ -603,6 +611,7 @@ class CenterKernelLearner:
         gradients are not finite (a NaN input, a diverging optimizer), so that nothing moves in that step, as
         AMP does; such steps are counted in ``skipped_steps`` and reported when the task ends.
         """
+        self._holding = False
         self._reduce_branch_gradients()
         if self.phase == SCORING:
             self._score_step()
@@ -641,8 +650,15 @@ class CenterKernelLearner:
                 if grad is not None:
                     grads[name] = self._center_view(name, grad).detach().to(torch.float64)
             finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
-            for p in [*model.parameters(), *self._branch_params()]:
+            for p in self._branch_params():
                 p.grad = None
+            # the model's own gradients are zeroed, not dropped: plugins that read every trainable parameter's
+            # gradient after the step (Avalanche's SI, RWalk) find one; the step hooks put back whatever the optimizer
+            # moves (weight decay), and the optimizer's state of these steps is dropped once the channels are chosen
+            self._holding = True
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
             if not finite:
                 return
             for name, grad in grads.items():
@@ -695,13 +711,32 @@ class CenterKernelLearner:
         return self._step.attach(optimizer)
 
     def _constrained_tensors(self) -> dict[str, Tensor]:
-        return {name: self.trained_tensor(name) for name in self.layers} if self.phase == TRAINING else {}
+        tensors: dict[str, Tensor] = {}
+        if self.phase == SCORING or self._holding:  # a scoring step: nothing may move
+            model = self._require_model()
+            tensors.update({f"{_HELD}{i}": p for i, p in enumerate(model.parameters()) if p.requires_grad})
+        if self.phase == TRAINING:
+            tensors.update({name: self.trained_tensor(name) for name in self.layers})
+        return tensors
 
     def _projecting(self) -> bool:
-        return self.phase == TRAINING
+        return self.phase in (SCORING, TRAINING) or self._holding
+
+    def _step_done(self) -> None:
+        self._holding = False
+        if self._clear_state:  # the scoring steps leave no optimizer state (momentum of zero gradients, step counts)
+            self._clear_state = False
+            params = [p for p in self._require_model().parameters() if p.requires_grad] if self.model else []
+            for ref in self._optimizers:
+                optimizer = ref()
+                for p in params if optimizer is not None else ():
+                    optimizer.state.pop(p, None)
 
     def _projected(self, name: str, before: Tensor, after: Tensor) -> Tensor:
-        """The tensor after a step: its center moved by the projected update, every other tap as before."""
+        """The tensor after a step: its center moved by the projected update, every other tap as before (a
+        parameter held during a scoring step: as before)."""
+        if name.startswith(_HELD):
+            return before
         layer = self.layers[name]
         center_before = self._center_view(name, before)
         step = project_update(self._center_view(name, after) - center_before, self.free_bases[name])
@@ -748,21 +783,25 @@ class CenterKernelLearner:
             self.apply_trainability()
 
     def suspend(self) -> None:
-        """Undo what the task did to the model's modules (frozen BatchNorm) and keep the task's state, so that a
-        checkpoint written now can resume it (:meth:`begin_task` re-applies everything)."""
-        self._step.clear()
-        self._release_batchnorm()
-
-    def abort_task(self) -> None:
-        """Forget an unfinished task (after an exception): the branches are folded back with what they learned,
-        hooks are removed, the model stays bound."""
-        self.phase = IDLE
-        self.score_sums, self.free_bases, self.start_centers = {}, {}, {}
+        """Leave the model plain (branches folded back with what they learned, ``requires_grad`` and BatchNorm as
+        before the task) and keep the task's state, so that a checkpoint written now resumes it exactly
+        (:meth:`begin_task` re-applies everything). Call it when training stops by an exception."""
         self._step.clear()
         self._release_batchnorm()
         if self.model is not None:
-            self._fold_branches()
+            # the centers stay in the optimizers: a checkpoint of their state written now must match the resumed
+            # task's (an interrupted fit's optimizer is not used again)
+            self._fold_branches(release=False)
+            for p in self.model.parameters():
+                p.requires_grad_(self._flags.get(id(p), p.requires_grad))
         self._optimizers = []
+
+    def abort_task(self) -> None:
+        """Forget an unfinished task (after an exception): the model is left plain as by :meth:`suspend`, with
+        what the task taught it, and stays bound."""
+        self.suspend()
+        self.phase = IDLE
+        self.score_sums, self.free_bases, self.start_centers = {}, {}, {}
 
     def projection_state_bytes(self) -> int:
         """Bytes kept for the projection: covariances, free_bases and channel masks."""

@@ -38,6 +38,7 @@ class ConstrainedStep:
         rewrite: ``(name, before, after) -> value``: what the tensor holds after the step (``before`` is the
             snapshot, ``after`` what the optimizer wrote).
         active: whether steps are rewritten now (default: always).
+        on_done: called after every completed step, rewritten or not.
 
     Example:
         >>> w = torch.nn.Parameter(torch.zeros(3))
@@ -50,11 +51,14 @@ class ConstrainedStep:
     """
 
     def __init__(self, tensors: Callable[[], Mapping[str, Tensor]], rewrite: Callable[[str, Tensor, Tensor], Tensor],
-                 active: Callable[[], bool] = lambda: True) -> None:
+                 active: Callable[[], bool] = lambda: True, on_done: Callable[[], None] = lambda: None) -> None:
         self.tensors = tensors
         self.rewrite = rewrite
         self.active = active
-        self._snapshots: dict[str, Tensor] = {}
+        self.on_done = on_done
+        # name -> (tensor, its value before the step): the tensors are those of the pre-hook, even if ``tensors()``
+        # returns others by the time the step ends
+        self._snapshots: dict[str, tuple[Tensor, Tensor]] = {}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> StepHandle:
         """Hook ``optimizer.step``; remove the returned handle to stop."""
@@ -67,13 +71,11 @@ class ConstrainedStep:
 
     def _before(self, *_: Any) -> None:
         if self.active():
-            self._snapshots = {name: tensor.detach().clone() for name, tensor in self.tensors().items()}
+            self._snapshots = {name: (tensor, tensor.detach().clone()) for name, tensor in self.tensors().items()}
 
     def _after(self, *_: Any) -> None:
-        if not self._snapshots:
-            return
         with torch.no_grad():
-            for name, tensor in self.tensors().items():
-                if name in self._snapshots and self._snapshots[name].shape == tensor.shape:
-                    tensor.copy_(self.rewrite(name, self._snapshots[name], tensor.detach()))
+            for name, (tensor, before) in self._snapshots.items():
+                tensor.copy_(self.rewrite(name, before, tensor.detach()))
         self._snapshots = {}
+        self.on_done()
