@@ -356,16 +356,38 @@ def test_options_beside_a_config_override_its_fields():
         CenterKernelCallback(CenterKernelConfig(), chanel_ratio=0.5)
 
 
-def test_a_task_that_fails_at_its_end_leaves_the_model_plain(digit_tasks):
+@pytest.mark.parametrize("task", [0, 1], ids=["base", "incremental"])
+def test_a_task_that_fails_at_its_end_leaves_the_model_plain(digit_tasks, task):
     model = make_model()
+    cb = CenterKernelCallback(score_batches=1)
+    if task:
+        fit_task(model, cb, digit_tasks[0], 0, epochs=1)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
     def broken_forward(module, batch):
         raise KeyError("the end-of-task pass cannot read this batch")
 
-    cb = CenterKernelCallback(score_batches=1, forward_fn=broken_forward)
+    cb.forward_fn = broken_forward
     with pytest.raises(KeyError, match="cannot read this batch"):
-        fit_task(model, cb, digit_tasks[0], 0, epochs=1)
-    assert all(attached_branch(m) is None for m in model.modules())
+        fit_task(model, cb, digit_tasks[task], task, epochs=1)
+    assert all(attached_branch(m) is None and not m._forward_hooks for m in model.modules())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert cb.learner.tasks_seen == 0
+    assert cb.learner.tasks_seen == task
+
+
+def test_a_fit_on_an_empty_loader_leaves_the_model_plain(digit_tasks):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=1)
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    model.current_task = 1
+    with pytest.warns(UserWarning, match="the fit ended before training ended"):
+        make_trainer(1, [cb]).fit(model, empty)
+    assert all(attached_branch(m) is None and not m._forward_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters()) and cb.learner.tasks_seen == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    fit_task(model, cb, digit_tasks[1], 1, epochs=1)  # the next fit trains the task
+    assert cb.learner.tasks_seen == 2

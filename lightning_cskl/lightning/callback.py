@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
 from ..core.head import ClassMoments, StatisticsHead, StatisticsRule
-from ..core.learner import SCORING
+from ..core.learner import IDLE, SCORING
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
 
@@ -269,6 +269,12 @@ class CenterKernelCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_optimizer_hooks()
+        if stage == "fit" and self.learner.model is not None and self.learner.phase != IDLE and not self._aborted:
+            # the fit ended without training (an empty loader, max_steps=0): Lightning never called on_train_end
+            rank_zero_warn("CenterKernelCallback: the fit ended before training ended (an empty training loader?): "
+                           "the task was not recorded and the model is left as it was")
+            self.learner.suspend()
+            self._aborted = True
 
     @override
     def state_dict(self) -> dict[str, Any]:
