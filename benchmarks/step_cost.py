@@ -15,7 +15,13 @@ machine load; only medians and ratios are reported.
 
 Inputs and labels are synthetic (normal noise, 10 classes): costs per step do not depend on pixel values.
 
-    python benchmarks/step_cost.py [--batch-size 32] [--repeats 30] [--markdown outputs/step_cost.md]
+``--ratios 0.25,0.5,0.75,1`` adds, per net, what DCES saves at each channel ratio ρ (engine v2, issue 10): the
+trainable tensor, its gradient and Adam state, the weight-gradient FLOPs of the center branches (each branch's
+weight gradient alone, on its real input), the saved input of the lowest trained layer's branch, and the whole
+step's FLOPs and saved activations. Before engine v2, unselected channels were masked, not removed: every ρ cost
+what ρ = 1 costs.
+
+    python benchmarks/step_cost.py [--batch-size 32] [--repeats 30] [--ratios 0.25,0.5,0.75,1] [--markdown outputs/step_cost.md]
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from lightning_cskl.core.accounting import (
     make_train_step,
     measure_step,
     median_step_times,
+    saved_activation_bytes,
     training_flops,
 )
 from lightning_cskl.models import mobilenet_v2, resnet18
@@ -67,10 +74,12 @@ def _csko_setup(
     record_batches: list[torch.Tensor],
     score_batches: int,
     layers: str,
+    channel_ratio: float = 0.75,
 ) -> tuple[nn.Module, CenterKernelLearner, torch.optim.Optimizer, Any]:
     """A copy of ``base`` bound to a learner in steady state: covariance recorded, DCES scoring finished."""
     model = copy.deepcopy(base)
-    learner = CenterKernelLearner(layers=layers, first_task="center", score_batches=score_batches)
+    learner = CenterKernelLearner(layers=layers, first_task="center", score_batches=score_batches,
+                                  channel_ratio=channel_ratio)
     learner.bind(model)
 
     def run_forward() -> None:
@@ -88,6 +97,100 @@ def _csko_setup(
     if learner.phase != "training" or set(learner.free_bases) != set(learner.layers) or not learner.covariances:
         raise RuntimeError(f"CsKO did not reach its projected steady state (phase={learner.phase!r})")
     return model, learner, optimizer, handle
+
+
+def branch_costs(model: nn.Module, learner: CenterKernelLearner, x: torch.Tensor) -> tuple[int, int]:
+    """``(weight-gradient FLOPs of every center branch, bytes the lowest trained layer's branch saves)``.
+
+    Each branch runs alone on the input its convolution sees in a forward pass of ``x``; its weight gradient is
+    taken with the input not requiring a gradient, so the count holds the weight gradient and nothing else.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n in learner.layers]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    flops, lowest = 0, 0
+    for index, name in enumerate(learner.layers):  # registration order: the first is the lowest
+        branch = learner.branch(name)
+        if branch is None:  # a layer trained in place (mask mode) has no branch
+            continue
+        x_in = inputs[name]
+        with torch.no_grad():
+            out = branch.conv(x_in)
+
+        def weight_gradient() -> None:
+            contribution = branch.contribution(x_in, out)
+            torch.autograd.grad(contribution, branch.param, torch.ones_like(contribution))
+
+        with torch.no_grad():
+            forward = training_flops(lambda: branch.contribution(x_in, out))
+        flops += training_flops(weight_gradient) - forward
+        if index == 0:
+            lowest = saved_activation_bytes(lambda: branch.contribution(x_in, out), exclude=[branch.param])
+    return flops, lowest
+
+
+def measure_ratios(
+    name: str, factory: Callable[[], nn.Module], batch_size: int, ratios: list[float], score_batches: int, seed: int,
+    layers: str = "auto", device: str = "cpu",
+) -> dict[str, Any]:
+    """What one CsKO step holds and spends at each channel ratio (no timing: bytes and FLOPs are exact)."""
+    torch.manual_seed(seed)
+    base = factory().to(device)
+    x = torch.randn(batch_size, 3, 32, 32).to(device)
+    batch = (x, torch.randint(0, 10, (batch_size,)).to(device))
+    record_batches = [torch.randn(batch_size, 3, 32, 32).to(device) for _ in range(4)]
+    rows = []
+    for ratio in ratios:
+        print(f"[{name}] channel_ratio {ratio}: measuring ...", flush=True)
+        model, learner, optimizer, handle = _csko_setup(base, batch, record_batches, score_batches, layers, ratio)
+        cost = measure_step(model, optimizer, nn.functional.cross_entropy, batch, learner, time_steps=False)
+        weight_gradient, lowest = branch_costs(model, learner, x)
+        centers = sum(learner.trained_tensor(n).numel() for n in learner.layers)
+        rows.append({"ratio": ratio, "cost": cost, "centers": centers, "weight_gradient_flops": weight_gradient,
+                     "lowest_saved": lowest, "grouped": [n for n, l in learner.layers.items() if l.groups > 1]})
+        handle.remove()
+    return {"name": name, "layers_spec": layers, "rows": rows}
+
+
+RATIO_HEADER = ["ρ", "trained centers", "gradients", "Adam state", "weight-gradient FLOPs (branches)",
+                "saved input, lowest branch", "step FLOPs", "saved activations"]
+
+
+def ratio_table(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    top = result["rows"][-1]
+    for row in result["rows"]:
+        cost: StepCost = row["cost"]
+
+        def cell(value: float, reference: float, fmt: Callable[[float], str]) -> str:
+            return f"{fmt(value)} ({value / reference:.2f})" if reference else fmt(value)
+
+        rows.append([
+            f"{row['ratio']:g}",
+            cell(row["centers"], top["centers"], lambda v: f"{int(v):,}"),
+            cell(cost.gradient_bytes, top["cost"].gradient_bytes, _fmt_bytes),
+            cell(cost.optimizer_state_bytes, top["cost"].optimizer_state_bytes, _fmt_bytes),
+            cell(row["weight_gradient_flops"], top["weight_gradient_flops"], lambda v: f"{v / 1e6:.2f} MFLOP"),
+            cell(row["lowest_saved"], top["lowest_saved"], _fmt_bytes),
+            cell(cost.flops, top["cost"].flops, lambda v: f"{v / 1e9:.3f} GFLOP"),
+            cell(cost.saved_activation_bytes, top["cost"].saved_activation_bytes, _fmt_bytes),
+        ])
+    return rows
+
+
+def ratio_markdown(result: dict[str, Any]) -> str:
+    lines = [f"#### {result['name']}: what DCES saves (layers={result['layers_spec']!r}; in brackets: / ρ = 1)", "",
+             "| " + " | ".join(RATIO_HEADER) + " |", "|" + "|".join(["---"] * len(RATIO_HEADER)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in ratio_table(result)]
+    grouped = result["rows"][0]["grouped"]
+    if grouped:
+        lines += ["", f"Grouped layers ({', '.join(f'`{n}`' for n in grouped)}) keep every channel's center and mask "
+                      "the unselected ones: their centers are one per channel, and slicing would not pay."]
+    return "\n".join(lines + [""])
 
 
 def _fmt_bytes(value: float) -> str:
@@ -325,7 +428,20 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "shared with other jobs; use with --threads 1)")
     parser.add_argument("--markdown", default="outputs/step_cost.md", help="where to write the Markdown tables")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (timings synchronize it)")
+    parser.add_argument("--ratios", default=None,
+                        help="comma-separated channel ratios for the DCES table, e.g. 0.25,0.5,0.75,1 (ascending)")
+    parser.add_argument("--skip-timing", action="store_true", help="only the DCES table (needs --ratios)")
     args = parser.parse_args(argv)
+    ratios = None
+    if args.ratios is not None:
+        try:
+            ratios = sorted(float(r) for r in args.ratios.split(","))
+        except ValueError:
+            parser.error(f"--ratios {args.ratios!r}: give numbers in (0, 1] separated by commas")
+        if not ratios or not all(0 < r <= 1 for r in ratios):
+            parser.error(f"--ratios {args.ratios!r}: every ratio must lie in (0, 1]")
+    if args.skip_timing and ratios is None:
+        parser.error("--skip-timing needs --ratios")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.device != "cpu" and args.clock == "cpu":
@@ -346,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.device != "cpu":
         machine += f", device {args.device} ({torch.cuda.get_device_name(torch.device(args.device))})"
     print(f"machine: {machine}; batch size {args.batch_size}; Adam (lr 1e-4, weight decay 5e-4)", flush=True)
-    results = [
+    results = [] if args.skip_timing else [
         measure_net(
             name, factory, args.batch_size, args.warmup, args.repeats, args.time_budget, args.score_batches,
             time.perf_counter if args.clock == "wall" else time.process_time, args.seed, layers, args.device,
@@ -355,6 +471,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ]
     for result in results:
         print_table(result)
+    sweeps = [] if ratios is None else [
+        measure_ratios(name, factory, args.batch_size, ratios, args.score_batches, args.seed, layers, args.device)
+        for name, (factory, layers) in nets.items()
+    ]
+    for sweep in sweeps:
+        print()
+        print(ratio_markdown(sweep))
     header = (
         f"Batch size {args.batch_size}, 32×32×3 synthetic inputs, 10 classes, Adam (lr 1e-4, wd 5e-4), "
         f"CsKO channel_ratio 0.75, null-space θ=5, measured after {args.score_batches} DCES scoring steps; step "
@@ -365,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.markdown:
         os.makedirs(os.path.dirname(args.markdown) or ".", exist_ok=True)
         with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(markdown(results, header) + "\n")
+            handle.write(markdown(results, header) + "\n" + "\n".join(ratio_markdown(s) for s in sweeps))
         print(f"\nMarkdown written to {args.markdown}")
 
 
