@@ -35,9 +35,9 @@ def _build(cls, in_ch, out_ch, **kw):
         return None
 
 
-def _channels(conv, every_other=True):
-    """Every other input channel of a groups=1 convolution (None: all channels, the only choice when grouped)."""
-    return torch.arange(0, conv.in_channels, 2) if conv.groups == 1 and every_other else None
+def _channels(conv):
+    """Every other input channel of a plain or depthwise convolution (None, all channels, for other grouped ones)."""
+    return torch.arange(0, conv.in_channels, 2) if conv.groups in (1, conv.in_channels) else None
 
 
 @pytest.mark.parametrize("cfg", GRID_2D[::3], ids=lambda c: "-".join(f"{v}" for v in c.values()))
@@ -71,13 +71,23 @@ def test_conv1d_and_conv3d(cls, shape, stride, padding, dilation, groups):
     assert (conv(x) - expected).abs().max() <= 1e-5
 
 
-def test_depthwise_branch_is_a_per_channel_scale():
-    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
-    x = torch.randn(3, 6, 5, 5)
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_a_depthwise_branch_holds_the_selected_channels_scales_only(multiplier):
+    conv = nn.Conv2d(6, 6 * multiplier, 3, padding=1, groups=6)
+    x = torch.randn(3, 6, 5, 5, requires_grad=True)
     expected = conv(x)
-    branch = CenterBranch(conv)
-    assert branch.param.shape == (6, 1)
-    assert (conv(x) - expected).abs().max() <= 1e-5
+    reference = torch.autograd.grad(expected.square().sum(), [x, conv.weight])
+    branch = CenterBranch(conv.requires_grad_(False), torch.tensor([1, 4]))
+    assert branch.param.shape == (2 * multiplier, 1)
+    out = conv(x)
+    assert (out - expected).abs().max() <= 1e-5
+    grad_x, grad_w = torch.autograd.grad(out.square().sum(), [x, branch.param])
+    rows = [m * 1 + j for m in (1 * multiplier, 4 * multiplier) for j in range(multiplier)]
+    assert torch.allclose(grad_w, reference[1][rows, :, 1, 1], atol=1e-4)
+    assert torch.allclose(grad_x, reference[0], atol=1e-5)
+    original = conv.state_dict()["weight"]
+    branch.fold()
+    assert torch.equal(conv.weight, original)
 
 
 def test_a_learned_center_is_merged_on_fold():

@@ -178,17 +178,22 @@ class _FilteredPointwise(torch.autograd.Function):
 class _SelectedPointwise(torch.autograd.Function):
     """A 1×1 convolution over some input channels, whose backward saves only what it needs.
 
-    ``channels`` (or None: all) are the input channels read. When the input needs no gradient, only those channels
-    are saved (``k/C`` of the input); when it does, the input itself is saved, which costs nothing more because the
-    convolution beside the branch keeps it for its own input gradient.
+    ``channels`` (or None: all) are the input channels read, and ``groups`` the groups of the 1×1 convolution over
+    them. ``rows`` (a depthwise convolution's selected channels) are the output channels the result fills; the
+    others are zero. When the input needs no gradient, only the read channels are saved (``k/C`` of the input);
+    when it does, the input itself is saved, which costs nothing more because the convolution beside the branch
+    keeps it for its own input gradient.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, channels: Optional[Tensor], groups: int) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, channels: Optional[Tensor], groups: int, rows: Optional[Tensor],
+                out_channels: int) -> Tensor:
         ndim = x.dim() - 2
         selected = x if channels is None else x.index_select(1, channels)
         out = _CONV_FN[ndim](selected, weight.reshape(*weight.shape, *([1] * ndim)), None, 1, 0, 1, groups)
-        ctx.groups, ctx.channels, ctx.in_channels = groups, channels, x.shape[1]
+        if rows is not None:
+            out = out.new_zeros((out.shape[0], out_channels, *out.shape[2:])).index_copy_(1, rows, out)
+        ctx.groups, ctx.channels, ctx.rows, ctx.in_channels = groups, channels, rows, x.shape[1]
         ctx.keeps_input = channels is not None and ctx.needs_input_grad[0]
         ctx.save_for_backward(x if ctx.keeps_input else selected, weight)
         return out
@@ -198,6 +203,8 @@ class _SelectedPointwise(torch.autograd.Function):
         saved, weight = ctx.saved_tensors
         channels, groups = ctx.channels, ctx.groups
         selected = saved.index_select(1, channels) if ctx.keeps_input else saved
+        if ctx.rows is not None:
+            grad_out = grad_out.index_select(1, ctx.rows)
         # under autocast the saved input, the output gradient and the (fp32) weight may differ in dtype: compute in
         # the widest (autograd casts each gradient back to its input's dtype)
         dtype = torch.promote_types(torch.promote_types(grad_out.dtype, selected.dtype), weight.dtype)
@@ -215,7 +222,7 @@ class _SelectedPointwise(torch.autograd.Function):
                 grad_x = cells
             else:
                 grad_x = cells.new_zeros((n, ctx.in_channels, *grad_out.shape[2:])).index_copy_(1, channels, cells)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 _ATTRIBUTE = "_center_branch"
@@ -259,13 +266,14 @@ class CenterBranch:
     Args:
         conv: an ``nn.Conv1d/2d/3d`` with an odd kernel (see :func:`is_eligible_conv`); its parameters are frozen
             by the caller, not here.
-        channels: sorted indices of the input channels whose centers train (a convolution with ``groups == 1``
-            only), or None for every channel.
+        channels: sorted indices of the input channels whose centers train (a convolution with ``groups == 1``,
+            or a depthwise one, whose ``groups`` equal its input channels), or None for every channel.
         gradient_filter: None (exact backward) or a patch size ``r`` ≥ 2: the branch's backward uses gradient
             filtering and saves only the ``r``-cell sums of its input (about ``r^d``× less memory).
 
     Attributes:
-        param: the trained centers, ``(out_channels, len(channels))`` or ``(out_channels, in_channels // groups)``.
+        param: the trained centers: ``(out_channels, len(channels))`` (``groups == 1``), ``(len(channels) ·
+            out_channels / groups, 1)`` (depthwise), or the whole center ``(out_channels, in_channels // groups)``.
 
     Raises:
         TypeError: ``conv`` is not a Conv1d/2d/3d.
@@ -286,12 +294,17 @@ class CenterBranch:
             channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1).to(conv.weight.device)
             valid = (channels.numel() > 0 and bool((channels[1:] > channels[:-1]).all())
                      and 0 <= int(channels[0]) and int(channels[-1]) < conv.in_channels)
-            if conv.groups != 1 or not valid:
+            if conv.groups not in (1, conv.in_channels) or not valid:
                 raise ValueError(f"channels={channels.tolist()} is not allowed for {type(conv).__name__}(in_channels="
                                  f"{conv.in_channels}, groups={conv.groups}): give distinct sorted input channels of a "
-                                 "convolution with groups=1, or None for all")
+                                 "convolution with groups=1 or a depthwise one, or None for all")
         self.conv = conv
         self.channels = channels
+        # a depthwise convolution's selected channels are whole groups: the rows of their output channels
+        self.rows = None
+        if channels is not None and conv.groups > 1:
+            per_group = conv.out_channels // conv.groups
+            self.rows = (channels[:, None] * per_group + torch.arange(per_group, device=channels.device)).reshape(-1)
         self.gradient_filter = gradient_filter
         with torch.no_grad():
             taps = self._taps(conv.weight)
@@ -310,7 +323,7 @@ class CenterBranch:
 
     def _taps(self, weight: Tensor) -> "_TapView":
         """The trained center taps of a weight shaped like the convolution's."""
-        return _TapView(weight[center_slice(self.conv.kernel_size)], self.channels)
+        return _TapView(weight[center_slice(self.conv.kernel_size)], self.channels, self.rows)
 
     def contribution(self, x: Tensor, output: Tensor) -> Tensor:
         """What the trained centers add to the convolution's ``output`` for input ``x``."""
@@ -323,17 +336,20 @@ class CenterBranch:
         if unbatched:
             x, output = x.unsqueeze(0), output.unsqueeze(0)
         x_center = center_input(conv, x, tuple(output.shape[-ndim:]))
+        groups = conv.groups if self.rows is None else len(self.channels)  # depthwise: one group per selected channel
         if self.gradient_filter and torch.is_grad_enabled() and param.requires_grad:
             selected = x_center if self.channels is None else x_center.index_select(1, self.channels)
-            out = _FilteredPointwise.apply(selected, param, conv.groups, self.gradient_filter)
+            out = _FilteredPointwise.apply(selected, param, groups, self.gradient_filter)
+            if self.rows is not None:
+                out = out.new_zeros((out.shape[0], conv.out_channels, *out.shape[2:])).index_copy(1, self.rows, out)
         else:
-            out = _SelectedPointwise.apply(x_center, param, self.channels, conv.groups)
+            out = _SelectedPointwise.apply(x_center, param, self.channels, groups, self.rows, conv.out_channels)
         return out.squeeze(0) if unbatched else out
 
     def full_center(self) -> Tensor:
         """The convolution's whole center ``(out_channels, in_channels // groups)`` as it computes now."""
         center = self.conv.weight[center_slice(self.conv.kernel_size)].detach().clone()
-        _TapView(center, self.channels).copy_(self.param.detach())
+        _TapView(center, self.channels, self.rows).copy_(self.param.detach())
         return center
 
     def fold(self) -> nn.Module:
@@ -350,14 +366,19 @@ class CenterBranch:
 
 
 class _TapView:
-    """Read and write, in place, the trained columns of a center ``(D, C/g)`` (a view into a kernel)."""
+    """Read and write, in place, the trained part of a center ``(D, C/g)`` (a view into a kernel): columns
+    ``channels``, or, for a depthwise convolution, rows ``rows``."""
 
-    def __init__(self, center: Tensor, channels: Optional[Tensor]) -> None:
+    def __init__(self, center: Tensor, channels: Optional[Tensor], rows: Optional[Tensor] = None) -> None:
         self.center = center
-        self.channels = None if channels is None else channels.to(center.device)
+        self.dim = 1 if rows is None else 0
+        index = channels if rows is None else rows
+        self.channels = None if index is None else index.to(center.device)
 
     def detach(self) -> Tensor:
-        return self.center.detach() if self.channels is None else self.center.detach().index_select(1, self.channels)
+        if self.channels is None:
+            return self.center.detach()
+        return self.center.detach().index_select(self.dim, self.channels)
 
     def to(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.detach().to(*args, **kwargs)
@@ -367,11 +388,11 @@ class _TapView:
             if self.channels is None:
                 self.center.copy_(values)
             else:
-                self.center.index_copy_(1, self.channels, values.to(self.center.device, self.center.dtype))
+                self.center.index_copy_(self.dim, self.channels, values.to(self.center.device, self.center.dtype))
 
     def zero_(self) -> None:
         with torch.no_grad():
             if self.channels is None:
                 self.center.zero_()
             else:
-                self.center.index_fill_(1, self.channels, 0)
+                self.center.index_fill_(self.dim, self.channels, 0)

@@ -349,8 +349,9 @@ class CenterKernelLearner:
 
     def _branch_channels(self, name: str) -> Optional[Tensor]:
         """The input channels layer ``name``'s branch holds in this phase (None: all)."""
-        selected = self.selected.get(name)
-        if self.phase != TRAINING or selected is None or self.layers[name].groups != 1 or bool(selected.all()):
+        selected, layer = self.selected.get(name), self.layers[name]
+        sliceable = layer.groups in (1, layer.in_channels)  # plain or depthwise: a general grouped conv is masked
+        if self.phase != TRAINING or selected is None or not sliceable or bool(selected.all()):
             return None
         return selected.nonzero().squeeze(1)
 
@@ -580,8 +581,8 @@ class CenterKernelLearner:
                 eye = torch.eye(cg, dtype=torch.float64).expand(layer.groups, cg, cg)
                 basis = eye * selected.reshape(layer.groups, 1, cg).to(torch.float64)
                 free = selected.reshape(layer.groups, cg).sum(1)
-            if channels is not None:  # the branch holds only the selected channels: so does its basis
-                basis = basis[:, channels.cpu()]
+            if channels is not None:  # the branch holds only the selected channels (depthwise: groups): so does its basis
+                basis = basis[:, channels.cpu()] if layer.groups == 1 else basis[channels.cpu()]
             self.free_bases[name] = basis.to(device=tensor.device, dtype=tensor.dtype)
             self.free_dims[name] = int(free.sum())
             if channels is None:  # every channel is held: the unselected ones are masked
