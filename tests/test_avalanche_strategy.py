@@ -414,3 +414,18 @@ def test_avalanches_regularization_plugins_see_the_models_own_parameters(kind, c
 
         conv = resolve_layers(model, cskl.config.layers)[0]
         assert f"{conv}.weight" in importances and importances[f"{conv}.weight"].data.abs().sum() > 0
+
+
+def test_prototype_replay_keeps_sgd_with_momentum_stable():
+    """τ = 0.1 would make the tempered cross-entropy's gradient 10× a plain one's: SGD at a learning rate that is
+    stable for plain training then diverged (ACC 0.18 on Split Digits). The objective is scaled by τ."""
+    def build(evaluator):
+        torch.manual_seed(0)
+        model = ClassIncrementalNet(SmallCNN(10, width=16).features, 32, initial_classes=2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return CSKLStrategy(model=model, optimizer=optimizer, train_mb_size=BATCH, train_epochs=2, eval_mb_size=512,
+                            evaluator=evaluator)
+
+    result = run_continual(split_digits_benchmark("class"), build, progress=False)
+    last = result.accuracy[-1]
+    assert min(last) > 0.3, last  # every experience still recognised (measured: 0.45 to 0.92 at 4 epochs)

@@ -188,7 +188,7 @@ class PrototypeReplayHooks(SupervisedPlugin):
             # the temperature applies inside this loss only: strategy.mb_output stays unscaled for every other
             # plugin (LwF's distillation, metrics), and the strategy's criterion term is swapped for its scaled form
             output, target = strategy.mb_output, strategy.mb_y
-            swap = strategy._criterion(self.memory.scale(output), target) - strategy._criterion(output, target)
+            swap = self.memory.task_loss(strategy._criterion, output, target) - strategy._criterion(output, target)
             strategy.loss = strategy.loss + swap + self.memory.loss(self._replay_head, len(target))
 
     @override

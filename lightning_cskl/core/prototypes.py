@@ -3,9 +3,12 @@
 One mean feature (the input of the classifier head) is stored per old class. While a new task trains, the
 head also sees prototypes drawn uniformly from the old classes, so it keeps separating them:
 
-    loss = CE(f(x) / τ, y) + weight · CE(head(p) / τ, y_p)
+    loss = τ · [CE(f(x) / τ, y) + weight · CE(head(p) / τ, y_p)]
 
-The features of old classes stay where the prototypes were measured because only the kernel centers move,
+The bracket is the research code's objective. The factor τ does not change its minimizers, nor an Adam step
+(which ignores the scale of the gradient), but it keeps the gradient of the tempered cross-entropy the size of
+a plain one's: without it, SGD's step grows by 1/τ (10×) and a learning rate that is stable for plain training
+(SGD 0.05, momentum 0.9) diverges. The features of old classes stay where the prototypes were measured because only the kernel centers move,
 in directions the old tasks' center inputs do not use. Imports torch only.
 """
 
@@ -87,8 +90,12 @@ class PrototypeMemory:
     def scale(self, logits: Tensor) -> Tensor:
         return logits / self.temperature
 
+    def task_loss(self, criterion: Any, logits: Tensor, target: Tensor) -> Tensor:
+        """``τ · criterion(logits / τ, target)``: the task's own term of the replay objective."""
+        return self.temperature * criterion(self.scale(logits), target)
+
     def loss(self, head: nn.Module, batch_size: int) -> Tensor:
-        """``weight · CE(head(p) / τ, y_p)`` for ``batch_size`` prototypes drawn uniformly from old classes."""
+        """``τ · weight · CE(head(p) / τ, y_p)`` for ``batch_size`` prototypes drawn uniformly from old classes."""
         if not len(self):
             raise RuntimeError("no prototypes stored yet: a task must end before prototypes can be replayed")
         if self._generator is None:
@@ -97,7 +104,7 @@ class PrototypeMemory:
         reference = next(head.parameters())
         features = self.prototypes[index].to(device=reference.device, dtype=reference.dtype)
         labels = self.classes[index].to(reference.device)
-        return self.weight * F.cross_entropy(self.scale(head(features)), labels)
+        return self.temperature * self.weight * F.cross_entropy(self.scale(head(features)), labels)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
