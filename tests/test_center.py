@@ -221,3 +221,27 @@ def test_unbatched_input_is_supported():
     expected = conv(x)
     CenterBranch(conv, torch.tensor([0, 1]))
     assert (conv(x) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 16], ids=["plain", "depthwise"])
+def test_the_weight_gradient_costs_scale_with_the_selected_channels(groups):
+    from lightning_cskl.core.accounting import training_flops
+
+    x = torch.randn(4, 16, 10, 10)
+
+    def weight_gradient_flops(channels):
+        conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups).requires_grad_(False)
+        branch = CenterBranch(conv, channels)
+        with torch.no_grad():
+            out = conv(x)
+            forward = training_flops(lambda: branch.contribution(x, out))
+
+        def backward():
+            contribution = branch.contribution(x, out)
+            torch.autograd.grad(contribution, branch.param, torch.ones_like(contribution))
+
+        return training_flops(backward) - forward, branch.param.numel()
+
+    whole, whole_size = weight_gradient_flops(None)
+    quarter, quarter_size = weight_gradient_flops(torch.arange(0, 16, 4))
+    assert quarter_size * 4 == whole_size and quarter * 4 == whole > 0
