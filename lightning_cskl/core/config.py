@@ -49,9 +49,9 @@ class CenterKernelConfig:
         importance_scale: α ≥ 1 of the ``"scaled"`` rule (1: importance λ/λ_max; larger protects more).
         project: False disables the null-space projection (channel masking only): the ablation
             "center-only without projection".
-        mode: ``"decouple"`` rewires each k×k conv into frozen kernel + 1×1 center branch (cheap: only the
+        mode: ``"decouple"`` holds each conv's trained centers in a 1×1 center branch beside it (cheap: only the
             branch has a weight gradient); ``"mask"`` keeps the model as it is and masks the full weight's
-            update to the center (for models that cannot be rewired; same trajectory under plain SGD).
+            update to the center (the whole weight is a trainable tensor; same trajectory under plain SGD).
         first_task: ``"full"``: the first task trains all parameters (the base session) and its
             representations are recorded at its end; ``"center"``: every task, the first included, trains
             only centers (use :meth:`CenterKernelLearner.record` to protect a pretrained model's knowledge).

@@ -492,7 +492,7 @@ class CenterKernelLearner:
                         self.skipped_steps)
         try:
             self.record(run_forward)
-        finally:  # also when the pass raised: the model is never left rewired and frozen
+        finally:  # also when the pass raised: the model is never left with branches and frozen
             self.phase = IDLE
             self.skipped_steps = 0
             self.score_sums, self.free_bases, self._grad_masks = {}, {}, {}

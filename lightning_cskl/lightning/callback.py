@@ -43,11 +43,11 @@ def default_batch_input(batch: Any) -> Any:
 
 
 def check_strategy(strategy: object) -> None:
-    """Refuse strategies that shard parameters: the method rewires and projects whole parameters."""
+    """Refuse strategies that shard parameters: the method slices and projects whole parameters."""
     name = type(strategy).__name__
     if name in _REFUSED_STRATEGIES:
         raise ValueError(
-            f"CenterKernelCallback does not support strategy {name}: it rewires and projects whole, unsharded "
+            f"CenterKernelCallback does not support strategy {name}: it slices and projects whole, unsharded "
             "parameters. Use strategy='auto', 'ddp', 'ddp_spawn' or a single device."
         )
 
