@@ -328,6 +328,22 @@ def test_frozen_batchnorm_matches_eval_mode_and_saves_no_input():
     assert not torch.equal(net.bn2.running_mean, before)
 
 
+@pytest.mark.parametrize("trained", ["weight", "bias"])
+def test_a_frozen_batchnorm_still_trains_its_affine_parameters(trained):
+    from lightning_cskl.core.batchnorm import FrozenBatchNorm
+
+    bn = nn.BatchNorm2d(3).train()
+    bn.requires_grad_(False)
+    getattr(bn, trained).requires_grad_(True)  # TinyTL's bias-only update trains the shift alone
+    frozen = FrozenBatchNorm()
+    frozen.freeze(bn)
+    bn(torch.randn(2, 3, 4, 4)).square().sum().backward()
+    assert getattr(bn, trained).grad is not None and getattr(bn, trained).grad.abs().sum() > 0
+    assert int(bn.num_batches_tracked) == 0
+    frozen.release()
+    assert "forward" not in vars(bn)
+
+
 def test_layer_choice():
     net = Net()
     assert resolve_layers(net, "auto") == ["conv2", "conv3"]

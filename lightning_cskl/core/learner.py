@@ -23,7 +23,6 @@ model's own ``state_dict``. The learner imports torch only.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import weakref
@@ -34,6 +33,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from .batchnorm import FrozenBatchNorm
 from .center import CenterBranch, attached_branch, center_slice, is_eligible_conv
 from .config import CenterKernelConfig
 from .covariance import CovarianceCollector, all_reduce_sum_
@@ -259,7 +259,7 @@ class CenterKernelLearner:
         self.free_dims: dict[str, int] = {}
         self.new_selection = False
         self._flags: dict[int, bool] = {}
-        self._frozen_bn: list[nn.Module] = []
+        self._frozen_bn = FrozenBatchNorm()
         self._grad_masks: dict[str, Tensor] = {}
         self._optimizers: list[weakref.ref] = []  # optimizers the branches' centers are added to
         # bound methods, not lambdas: a deep copy of the learner (a callback copied by the user) then projects
@@ -453,20 +453,14 @@ class CenterKernelLearner:
                 p.requires_grad_(self._flags.get(id(p), True))
         for name in self.layers:
             self.trained_tensor(name).requires_grad_(True)
-        if self.config.freeze_batchnorm and not self._frozen_bn:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
-                    # an instance attribute shadows the class's forward; `del` restores it
-                    module.forward = functools.partial(_frozen_batchnorm_forward, module)
-                    self._frozen_bn.append(module)
+        if self.config.freeze_batchnorm:
+            self._frozen_bn.freeze(model)
 
     def _train_also_modules(self) -> list[str]:
         return resolve_train_also(self._require_model(), self.config.train_also, list(self.layers))
 
     def _release_batchnorm(self) -> None:
-        for module in self._frozen_bn:
-            module.__dict__.pop("forward", None)
-        self._frozen_bn = []
+        self._frozen_bn.release()
 
     def end_task(self, run_forward: Callable[[], Any], fold: bool = True) -> None:
         """Record this task's center-input covariance, then fold the branches back and unfreeze.
@@ -813,20 +807,3 @@ class CenterKernelLearner:
         if self.model is None:
             raise RuntimeError("the learner is not bound to a model: call bind(model) first")
         return self.model
-
-
-def _frozen_batchnorm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """Eval-mode BatchNorm as a constant per-channel affine map, whatever ``module.training`` says.
-
-    Frameworks call ``model.train()`` every epoch, so the mode flag cannot keep statistics frozen; and
-    ``F.batch_norm`` saves its input for backward even in eval mode, while ``x * scale + shift`` with constant
-    ``scale`` saves only ``scale``.
-    """
-    with torch.set_grad_enabled(torch.is_grad_enabled() and module.weight is not None and module.weight.requires_grad):
-        scale = torch.rsqrt(module.running_var + module.eps)
-        shift = -module.running_mean * scale
-        if module.weight is not None:
-            scale = scale * module.weight
-            shift = shift * module.weight + module.bias
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return x * scale.to(x.dtype).reshape(shape) + shift.to(x.dtype).reshape(shape)

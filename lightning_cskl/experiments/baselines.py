@@ -65,6 +65,7 @@ from ..core import resolve_layers
 from .full_kernel import (
     FullKernelCovariance, full_kernel_projector, project_kernel_update, protected_basis,
 )
+from ..core.batchnorm import FrozenBatchNorm
 from ..core.head import StatisticsHead, StatisticsRule
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
@@ -96,13 +97,10 @@ class UnknownMethodError(ValueError):
     """A method name that is not in :data:`METHODS`."""
 
 
-def _batchnorms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
     """Base of the on-device and projection baselines: experience 0 (the base session) trains every
-    parameter; every later one trains only :meth:`trainable` and keeps BatchNorm in eval mode.
+    parameter; every later one trains only :meth:`trainable` and keeps BatchNorm frozen (CsKO's
+    :class:`~lightning_cskl.core.batchnorm.FrozenBatchNorm`).
 
     Subclasses choose the trained parameters and may hook the optimizer's steps (:meth:`begin_experience`).
     Frozen parameters stay in Avalanche's optimizer but never get a gradient, so they never move.
@@ -148,6 +146,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         self.memory = PrototypeMemory(prototype_weight, temperature)
         self.statistics = StatisticsHead(statistics_head, shrinkage) if statistics_head is not None else None
         self.record_batches = record_batches
+        self._frozen_bn = FrozenBatchNorm()
         self.experiences_seen = 0
         self._handles: list[Any] = []
         self._replay_head: Optional[nn.Module] = None
@@ -205,8 +204,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
 
     def _freeze_batchnorm(self, model: nn.Module) -> None:
         if not self.is_base:
-            for module in _batchnorms(model):
-                module.eval()
+            self._frozen_bn.freeze(model)
 
     @override
     def before_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -229,12 +227,9 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
             self.begin_experience(strategy)
 
     @override
-    def before_training_epoch(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        self._freeze_batchnorm(strategy.model)  # periodic evaluation may have restored train mode
-
-    @override
     def after_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         self._remove_hooks()
+        self._frozen_bn.release()
         self._replay_head = None
         self._record(strategy)
         self.end_experience(strategy)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..core import CenterKernelLearner
 from ..core.accounting import StepCost, make_train_step, measure_step
+from ..core.batchnorm import FrozenBatchNorm
 
 __all__ = [
     "PublishedGpmMemory",
@@ -105,9 +106,7 @@ def full_finetune_setup(base: nn.Module) -> Setup:
 
 
 def _freeze_batchnorm(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    FrozenBatchNorm().freeze(model)  # for the model's lifetime (a copy made for one measurement)
 
 
 def full_kernel_setup(base: nn.Module, plugin: Any, record_batches: Sequence[Tensor]) -> Setup:
@@ -118,7 +117,7 @@ def full_kernel_setup(base: nn.Module, plugin: Any, record_batches: Sequence[Ten
     ``projection_state_bytes``). The inputs of ``record_batches`` stand for an old task: their full-kernel
     covariance is recorded (the plugin's own end-of-experience path), then the next experience begins with
     the plugin's free bases and optimizer hooks, as Avalanche would drive it. Only the plugin's trainable
-    parameters (the layers' whole kernels and the head) require a gradient; BatchNorm stays in eval mode.
+    parameters (the layers' whole kernels and the head) require a gradient; BatchNorm stays frozen.
 
     Returns:
         ``(model, optimizer, learner)`` where ``learner.projection_state_bytes`` is the plugin's.
