@@ -113,8 +113,8 @@ def test_unknown_method_lists_the_allowed_ones():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match=r"criterion='gpm' is not allowed: use 'energy' or 'null_space'"):
-        FullKernelProjectionPlugin(criterion="gpm")
+    with pytest.raises(ValueError, match=r"projection_criterion='gpm' is not allowed: use 'energy' or 'null_space'"):
+        FullKernelProjectionPlugin(projection_criterion="gpm")
     with pytest.raises(ValueError, match=r"channel_ratio=0 is not allowed"):
         SparseUpdatePlugin(channel_ratio=0)
     with pytest.raises(ValueError, match=r"prototype_replay='yes' is not allowed: use True, False or 'auto'"):
@@ -274,7 +274,7 @@ def test_strategy_projection_keeps_old_outputs_within_the_bound(name, class_benc
     strategy.train(stream[0])
     layer = next(iter(plugin.covariances))  # the lowest projected layer: its input does not change
     cov = plugin.covariances[layer].clone()
-    basis, _ = full_kernel_projector(cov, plugin.criterion, plugin.null_space_factor, plugin.current_energy())
+    basis, _ = full_kernel_projector(cov, plugin.projection_criterion, plugin.null_space_factor, plugin.current_energy())
     old_inputs = _lowest_layer_inputs(strategy, layer, stream[0])
     conv = strategy.model.get_submodule(layer)
     weight = conv.weight.detach().clone()
@@ -320,7 +320,7 @@ def test_replay_variants_replay_only_with_a_single_head(name, class_benchmark, t
     multi.train(task_benchmark.train_stream[0])
     assert single.baseline.memory.classes.tolist() == [0, 1, 2, 3]
     assert len(multi.baseline.memory) == 0  # task-incremental: the plain baseline (no prototypes, no error)
-    assert single.baseline.criterion == ("energy" if name == "gpm_replay" else "null_space")
+    assert single.baseline.projection_criterion == ("energy" if name == "gpm_replay" else "null_space")
 
 
 # ---------------------------------------------------------------------------------------------- issue 9
@@ -369,6 +369,6 @@ def test_variants_run_their_base_method_with_their_own_options():
     from lightning_cskl.experiments.baselines import method_base
 
     strategy = _build("csko_dces_lda@energy", "class", projection_criterion="energy")
-    assert strategy.cskl.config.criterion == "energy" and strategy.cskl.statistics.rule == "lda"
+    assert strategy.cskl.config.projection_criterion == "energy" and strategy.cskl.statistics.rule == "lda"
     with pytest.raises(UnknownMethodError, match=r"method 'slad@x' is not known"):
         method_base("slad@x")

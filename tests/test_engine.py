@@ -110,7 +110,7 @@ def test_old_task_output_change_is_bounded_for_every_optimizer(optimizer, rule, 
     x_old = low_rank_data(64, seed=1)
     x_new, y_new = torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,))
     learner = CenterKernelLearner(layers=["conv1", "conv2", "conv3"], first_task="center", score_batches=2,
-                                  criterion=criterion, energy=0.9, energy_step=0.0, channel_ratio=0.75,
+                                  projection_criterion=criterion, energy=0.9, energy_step=0.0, channel_ratio=0.75,
                                   null_space_reference=reference)
     record_old_task(learner, net, x_old)
     before = {n: learner.full_center(n) for n in learner.layers}
@@ -371,7 +371,7 @@ def test_layer_choice_errors_name_the_layer_or_pattern():
     [
         (dict(channel_ratio=0.0), r"channel_ratio=0.0 is not allowed"),
         (dict(channel_ratio=True), r"channel_ratio=True is not allowed"),
-        (dict(criterion="svd"), r"criterion='svd' is not allowed: use one of 'null_space', 'energy'"),
+        (dict(projection_criterion="svd"), r"projection_criterion='svd' is not allowed: use one of 'null_space', 'energy'"),
         (dict(mode="prune"), r"mode='prune' is not allowed"),
         (dict(score_batches=0), r"score_batches=0 is not allowed"),
         (dict(energy=1.2), r"energy=1.2 is not allowed"),
@@ -406,7 +406,7 @@ def test_relative_rule_bounds_the_old_output_change_by_its_threshold():
     torch.manual_seed(0)
     net = Net()
     learner = CenterKernelLearner(layers=["conv1"], first_task="center", score_batches=1, channel_ratio=1.0,
-                                  criterion="relative", relative_threshold=0.05)
+                                  projection_criterion="relative", relative_threshold=0.05)
     old = low_rank_data(64, seed=1) + 0.1 * torch.randn(64, 3, 6, 6)  # one weak direction: free below 5%
     record_old_task(learner, net, old)
     before = learner.full_center("conv1")
@@ -526,3 +526,11 @@ def test_train_also_auto_descends_into_a_wrapper_and_keeps_every_head():
     heads = nn.ModuleDict({"backbone": nn.Sequential(nn.Conv2d(1, 4, 3)), "heads": nn.ModuleList(
         [nn.Linear(4, 2), nn.Linear(4, 2)])})
     assert resolve_train_also(heads, "auto", ["backbone.0"]) == ["heads"]
+
+
+def test_an_unknown_or_renamed_option_is_refused_naming_the_new_name():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['criterion'\] \('criterion' is now called 'projection_criterion'\)"):
+        CenterKernelLearner(criterion="energy")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['chanel_ratio'\]; the method's options are: .*channel_ratio"):
+        CenterKernelLearner(chanel_ratio=0.5)
+

@@ -409,8 +409,6 @@ class CSKLStrategy(SupervisedTemplate):
             changed; the CSKL plugin is appended to the copy and available as ``strategy.cskl``.
         config, prototype_replay, prototype_weight, temperature, head, record_batches, statistics_head,
             shrinkage: see :class:`CSKLPlugin`.
-        projection_criterion: the engine's ``criterion`` option (``"null_space"`` or ``"energy"``), renamed
-            because ``criterion`` is the loss here.
         **options: the other fields of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
             ``layers``, ...), which document them.
 
@@ -452,11 +450,8 @@ class CSKLStrategy(SupervisedTemplate):
         record_batches: Optional[int] = None,
         statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto",
         shrinkage: float = 1e-4,
-        projection_criterion: Optional[str] = None,
         **options: Any,
     ) -> None:
-        if projection_criterion is not None:
-            options["criterion"] = projection_criterion
         plugin = CSKLPlugin(
             config,
             prototype_replay=prototype_replay,

@@ -36,7 +36,7 @@ class CenterKernelConfig:
         selection: how channels are chosen: ``"gradient"`` (DCES), ``"magnitude"`` or ``"random"``.
         score_batches: optimizer steps at the start of a task that only accumulate DCES scores (their
             updates are skipped, so no weight moves before the selection is made).
-        criterion: free subspace rule: ``"null_space"`` (λ ≤ θ·λ_min), ``"energy"`` (protect ε energy),
+        projection_criterion: free subspace rule: ``"null_space"`` (λ ≤ θ·λ_min), ``"energy"`` (protect ε energy),
             ``"relative"`` (λ ≤ ``relative_threshold``·λ_max) or ``"scaled"`` (SGP: every direction, its update
             scaled down by its old-task importance; see :mod:`lightning_cskl.core.projection`).
         null_space_factor: θ of the null-space rule (> 0).
@@ -78,7 +78,7 @@ class CenterKernelConfig:
     channel_ratio: float = 0.75
     selection: SelectionCriterion = "gradient"
     score_batches: int = 8
-    criterion: ProjectionCriterion = "null_space"
+    projection_criterion: ProjectionCriterion = "null_space"
     null_space_factor: float = 5.0
     null_space_reference: Literal["layer", "selected"] = "selected"
     energy: float = 0.97
@@ -96,7 +96,7 @@ class CenterKernelConfig:
     def __post_init__(self) -> None:
         self.channel_ratio = validate_channel_ratio(self.channel_ratio)
         _check_choice("selection", self.selection, ("gradient", "magnitude", "random"))
-        _check_choice("criterion", self.criterion, ("null_space", "energy", "relative", "scaled"))
+        _check_choice("projection_criterion", self.projection_criterion, ("null_space", "energy", "relative", "scaled"))
         _check_choice("null_space_reference", self.null_space_reference, ("layer", "selected"))
         _check_choice("mode", self.mode, ("decouple", "mask"))
         _check_choice("first_task", self.first_task, ("full", "center"))

@@ -55,6 +55,9 @@ TRAINING: Phase = "training"
 _PHASES = (IDLE, BASE, SCORING, TRAINING)
 
 
+#: options that were renamed, so that the one name holds in both doors and the CLI (Avalanche's ``criterion`` is the loss)
+_RENAMED = {"criterion": "projection_criterion"}
+
 _HELD = "held:"  # step-hook names of the parameters a scoring step keeps in place
 
 
@@ -235,6 +238,11 @@ class CenterKernelLearner:
     """
 
     def __init__(self, config: Optional[CenterKernelConfig] = None, **options: Any) -> None:
+        known = set(CenterKernelConfig().as_dict())
+        unknown = sorted(set(options) - known)
+        if unknown:
+            hints = "".join(f" ({k!r} is now called {_RENAMED[k]!r})" for k in unknown if k in _RENAMED)
+            raise TypeError(f"unknown option(s) {unknown}{hints}; the method's options are: {', '.join(sorted(known))}")
         if config is not None and options:
             # options at their default values count as not given (configuration tools such as LightningCLI pass
             # every published option); the others override the config's fields
@@ -568,7 +576,7 @@ class CenterKernelLearner:
             channels = None if layer.in_place else self._branch_channels(name)
             if cfg.project and name in self.covariances:
                 basis, free = layer_projector(
-                    self.covariances[name], selected, cfg.criterion, cfg.null_space_factor, energy,
+                    self.covariances[name], selected, cfg.projection_criterion, cfg.null_space_factor, energy,
                     cfg.null_space_reference, cfg.relative_threshold, cfg.importance_scale,
                 )
             else:  # no projection: the basis is the selected coordinate vectors (masking only)

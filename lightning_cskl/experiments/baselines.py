@@ -377,7 +377,7 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
     convolutions stay frozen (a bias change shifts old outputs).
 
     Args:
-        criterion: ``"energy"`` (GPM: protect a fraction ε of the energy) or ``"null_space"`` (Adam-NSCL:
+        projection_criterion: ``"energy"`` (GPM: protect a fraction ε of the energy) or ``"null_space"`` (Adam-NSCL:
             free the eigenvalues ≤ θ·λ_min).
         layers: which convolutions train (``"auto"``: those CsKO would train).
         null_space_factor: θ.
@@ -390,7 +390,7 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
 
     def __init__(
         self,
-        criterion: ProjectionCriterion = "energy",
+        projection_criterion: ProjectionCriterion = "energy",
         layers: Union[str, list[str]] = "auto",
         null_space_factor: float = 5.0,
         energy: float = 0.97,
@@ -399,14 +399,15 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
         **replay: Any,
     ) -> None:
         super().__init__(head, **replay)
-        if criterion not in ("energy", "null_space"):
-            raise ValueError(f"criterion={criterion!r} is not allowed: use 'energy' or 'null_space'")
+        if projection_criterion not in ("energy", "null_space"):
+            raise ValueError(f"projection_criterion={projection_criterion!r} is not allowed: use 'energy' or "
+                             "'null_space'")
         if not null_space_factor > 0:
             raise ValueError(f"null_space_factor={null_space_factor!r} is not allowed: it must be > 0")
         for name, value in (("energy", energy), ("energy_step", energy_step)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} is not allowed: it must lie in [0, 1]")
-        self.criterion = criterion
+        self.projection_criterion = projection_criterion
         self.layers = layers
         self.null_space_factor = null_space_factor
         self.energy = energy
@@ -431,7 +432,7 @@ class FullKernelProjectionPlugin(IncrementalFreezePlugin):
         for name, conv in convs.items():
             if name in self.covariances:
                 basis, _ = full_kernel_projector(
-                    self.covariances[name], self.criterion, self.null_space_factor, self.current_energy()
+                    self.covariances[name], self.projection_criterion, self.null_space_factor, self.current_energy()
                 )
                 # keep the smaller of the free and the used bases: the same projection at the lower cost
                 self.protected[name] = basis.shape[2] > basis.shape[1] / 2
@@ -535,15 +536,15 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "sparse_update": _plugin_method(SparseUpdatePlugin),
     "ewc": _plugin_method(lambda ewc_lambda=100.0, mode="separate", **o: EWCPlugin(ewc_lambda, mode, **o)),
     "lwf": _plugin_method(lambda alpha=1.0, temperature=2.0: LwFPlugin(alpha, temperature)),
-    "gpm": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", **o})),
-    "adam_nscl": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", **o})),
-    "gpm_all": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", "layers": "all", **o})),
+    "gpm": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"projection_criterion": "energy", **o})),
+    "adam_nscl": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"projection_criterion": "null_space", **o})),
+    "gpm_all": _plugin_method(lambda **o: FullKernelProjectionPlugin(**{"projection_criterion": "energy", "layers": "all", **o})),
     "adam_nscl_all": _plugin_method(
-        lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", "layers": "all", **o})),
+        lambda **o: FullKernelProjectionPlugin(**{"projection_criterion": "null_space", "layers": "all", **o})),
     "gpm_replay": _plugin_method(
-        lambda **o: FullKernelProjectionPlugin(**{"criterion": "energy", "prototype_replay": "auto", **o})),
+        lambda **o: FullKernelProjectionPlugin(**{"projection_criterion": "energy", "prototype_replay": "auto", **o})),
     "adam_nscl_replay": _plugin_method(
-        lambda **o: FullKernelProjectionPlugin(**{"criterion": "null_space", "prototype_replay": "auto", **o})),
+        lambda **o: FullKernelProjectionPlugin(**{"projection_criterion": "null_space", "prototype_replay": "auto", **o})),
     # all channels: no DCES scoring steps needed (with channel_ratio=1 any selection rule keeps every channel)
     "center_only": _cskl_method(project=False, channel_ratio=1.0, selection="magnitude", statistics_head=None),
     "csko_no_dces": _cskl_method(channel_ratio=1.0, selection="magnitude", statistics_head=None),
