@@ -151,7 +151,7 @@ def measure_ratios(
         weight_gradient, lowest = branch_costs(model, learner, x)
         centers = sum(learner.trained_tensor(n).numel() for n in learner.layers)
         rows.append({"ratio": ratio, "cost": cost, "centers": centers, "weight_gradient_flops": weight_gradient,
-                     "lowest_saved": lowest, "grouped": [n for n, l in learner.layers.items() if l.groups > 1]})
+                     "lowest_saved": lowest, "grouped": [n for n, l in learner.layers.items() if l.groups not in (1, l.in_channels)]})
         handle.remove()
     return {"name": name, "layers_spec": layers, "rows": rows}
 
@@ -188,8 +188,8 @@ def ratio_markdown(result: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in ratio_table(result)]
     grouped = result["rows"][0]["grouped"]
     if grouped:
-        lines += ["", f"Grouped layers ({', '.join(f'`{n}`' for n in grouped)}) keep every channel's center and mask "
-                      "the unselected ones: their centers are one per channel, and slicing would not pay."]
+        lines += ["", f"Grouped (not depthwise) layers ({', '.join(f'`{n}`' for n in grouped)}) keep every "
+                      "channel's center and mask the unselected ones."]
     return "\n".join(lines + [""])
 
 

@@ -17,18 +17,18 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Union
 
 import torch
 from torch import Tensor
 
+from .download import download_timeout
+
 __all__ = ["DEBIAN_FASHION_MNIST", "DataNotFoundError", "load_fashion_mnist", "prepare_fashion_mnist"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-_DOWNLOAD_TIMEOUT_S = 30.0
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -104,15 +104,12 @@ def load_fashion_mnist(
     except DataNotFoundError:
         if not download:
             raise
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # a dead network must fail, not hang
         try:
-            FashionMNIST(str(root), train=True, download=True)
-            FashionMNIST(str(root), train=False, download=True)
+            with download_timeout():
+                FashionMNIST(str(root), train=True, download=True)
+                FashionMNIST(str(root), train=False, download=True)
         except Exception as error:  # torchvision raises RuntimeError/URLError/timeout
             raise DataNotFoundError(f"downloading Fashion-MNIST failed ({error}). {_how_to_get(root, source)}") from error
-        finally:
-            socket.setdefaulttimeout(previous)
     splits = []
     for train in (True, False):
         data = FashionMNIST(str(root), train=train, download=False)

@@ -32,9 +32,10 @@ import os
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+import time
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -44,7 +45,10 @@ from torch import Tensor, nn
 from .baselines import (
     FROZEN_METHODS, METHODS, SINGLE_HEAD_METHODS, UnknownMethodError, build_method, method_base,
 )
+from ..avalanche.job import build_model
 from ..avalanche.run import run_continual, train_base
+from ..data.build import build_benchmark, input_channels
+from ..options import DataOptions, ModelOptions, UsageError
 from ..core.accounting import StepCost, measure_step, storage_bytes
 
 __all__ = [
@@ -537,3 +541,110 @@ def _relate(group: list[dict[str, Any]]) -> None:
     if len(base) > 1:
         logger.warning("methods reached different base-session accuracies %s (%s, seed %s): their base models "
                        "differ", sorted(base), group[0]["scenario"], group[0]["seed"])
+
+
+# ---------------------------------------------------------------------------------------------- cskl bench
+def _all_methods() -> list[str]:
+    from .baselines import METHODS
+
+    return list(METHODS)
+
+
+@dataclass
+class BenchConfig:
+    """Every method side by side on one benchmark (issue 4): accuracy and per-step cost, mean ± std over seeds.
+
+    Args:
+        methods: names from ``lightning_cskl.experiments.baselines.METHODS`` (default: all of them), or
+            ``<method>@<tag>`` variants that run ``<method>`` with their own ``method_options``.
+        scenarios: ``class`` (base session + expanding head), ``task`` (one head per task) and/or ``domain``
+            (the same classes under new input conditions); each replaces ``data.scenario`` in turn.
+        seeds: one run per seed and method (also the seed of ``data``).
+        data: the benchmark, with the options of ``cskl run`` (``--data.benchmark fashion_mnist``,
+            ``--data.train_per_class 500``, ``module:function``, ...).
+        model: the backbone (as for ``cskl run``; default: SmallCNN of width 16).
+        epochs, batch_size, lr, weight_decay: training of every experience (Adam), the same for every method.
+        equal_compute: give every method the training FLOPs of full fine-tuning at ``epochs`` epochs instead
+            of the same epochs (see ``lightning_cskl.experiments.bench.run_bench``); the ``epochs`` column says what each got.
+        method_options: per method (or variant), extra factory options (e.g. ``{ewc: {ewc_lambda: 10}}``;
+            ``train_epochs`` overrides ``epochs``).
+        time_steps: also time the steps (median, and the ratio to full fine-tuning).
+        threads: torch CPU threads (None: torch's default).
+        name, output_dir: outputs go to ``output_dir/name``.
+        progress: show a progress bar.
+        resume: reuse the runs an interrupted bench with the same settings kept in ``output_dir/name/runs``
+            (False: rerun everything).
+    """
+
+    methods: list[str] = field(default_factory=_all_methods)
+    scenarios: list[Literal["class", "task", "domain"]] = field(default_factory=lambda: ["class", "task"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=lambda: ModelOptions("small_cnn", 16))
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    equal_compute: bool = False
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    time_steps: bool = True
+    threads: Optional[int] = None
+    name: str = "bench"
+    output_dir: str = "outputs"
+    progress: bool = True
+    resume: bool = True
+
+
+_BENCH_IDENTITY = ("data", "model")  # what changes a run besides training
+
+
+def bench(config: BenchConfig) -> dict[str, Any]:
+    """``cskl bench``: :func:`run_bench` from a config; writes tables, plots, ``claims.md`` and a JSON."""
+    import torch
+
+    from .baselines import METHODS
+    from .plots import plot_bench
+
+    unknown = [m for m in config.methods if m.split("@", 1)[0] not in METHODS]
+    if unknown:
+        raise UsageError(f"methods {unknown} are not known: use some of {', '.join(METHODS)}")
+    if not config.methods or not config.seeds or not config.scenarios:
+        raise UsageError("methods, scenarios and seeds must each name at least one")
+    for name, value in (("epochs", config.epochs), ("batch_size", config.batch_size)):
+        if value < 1:
+            raise UsageError(f"{name}={value!r} is not allowed: it must be an int >= 1")
+    if not config.lr > 0:
+        raise UsageError(f"lr={config.lr!r} is not allowed: it must be > 0")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+
+    def benchmark(scenario: str, seed: int) -> Any:
+        return build_benchmark(replace(config.data, scenario=scenario, seed=seed))
+
+    # bad data or model options fail now, with their one-line message
+    in_channels = input_channels(benchmark(config.scenarios[0], config.seeds[0]))
+    build_model(config.model, in_channels, False)
+
+    def model(scenario: str) -> nn.Module:
+        return build_model(config.model, in_channels, scenario == "task")
+
+    folder = Path(config.output_dir) / config.name
+    began = time.time()
+    table = run_bench(config.methods, scenarios=config.scenarios, seeds=config.seeds, benchmark=benchmark,
+                      model=model, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                      weight_decay=config.weight_decay, method_options=config.method_options,
+                      time_steps=config.time_steps, out_dir=folder, progress=config.progress,
+                      resume=config.resume, identity={k: v for k, v in asdict(config).items() if k in _BENCH_IDENTITY},
+                      equal_compute=config.equal_compute)
+    plots = plot_bench(table, folder)
+    results = {"config": asdict(config), "summary": table.summary(), "runs": table.runs,
+               "seconds": time.time() - began}
+    (folder / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    claims = claims_markdown(table)
+    (folder / "claims.md").write_text(claims + "\n")
+    print(table.markdown())
+    print(claims)
+    print(f"tables in {folder}/bench.md, bench.csv, bench_runs.csv, claims.md; plots: "
+          f"{', '.join(p.name for p in plots)}")
+    return results
+
