@@ -30,14 +30,12 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cost import _csko_setup  # noqa: E402  (the issue-2 CsKO steady state, reused as is)
-
-from lightning_cskl.experiments.baselines import FullKernelProjectionPlugin  # noqa: E402
-from lightning_cskl.core import resolve_layers  # noqa: E402
-from lightning_cskl.core.accounting import StepCost  # noqa: E402
-from lightning_cskl.models import resnet18  # noqa: E402
-from lightning_cskl.experiments.scaling import (  # noqa: E402
+from lightning_cskl.core import resolve_layers
+from lightning_cskl.core.accounting import StepCost
+from lightning_cskl.experiments.baselines import FullKernelProjectionPlugin
+from lightning_cskl.experiments.step_cost import csko_setup
+from lightning_cskl.models import resnet18
+from lightning_cskl.experiments.scaling import (
     TaskState,
     csko_state_over_tasks,
     full_finetune_setup,
@@ -72,7 +70,7 @@ def measure_width(nf: int, batch_size: int, record_batches: int, score_batches: 
     records = [torch.randn(batch_size, 3, 32, 32) for _ in range(record_batches)]
 
     def csko():
-        model, learner, optimizer, _ = _csko_setup(base, (x, y), records, score_batches, "auto")
+        model, learner, optimizer, _ = csko_setup(base, (x, y), records, score_batches, "auto")
         return model, optimizer, learner
 
     setups = {
