@@ -72,8 +72,12 @@ class PrototypeMemory:
 
     def end_collect(self) -> None:
         """Store the class means collected since :meth:`begin_collect` (a class seen again is replaced)."""
-        counts, sums = self._moments.counts, self._moments.sums
-        self._moments = ClassMoments()
+        moments, self._moments = self._moments, ClassMoments()
+        self.add_moments(moments)
+
+    def add_moments(self, moments: ClassMoments) -> None:
+        """Store the class means of ``moments`` (summed over processes by the caller where that applies)."""
+        counts, sums = moments.counts, moments.sums
         if counts is None or not bool((counts > 0).any()):
             return
         stored = {int(c): p for c, p in zip(self.classes.tolist(), self.prototypes)}

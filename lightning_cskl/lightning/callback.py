@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
 from ..core.head import ClassMoments, StatisticsHead, StatisticsRule
+from ..core.prototypes import PrototypeMemory
 from ..core.learner import IDLE, SCORING
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
@@ -111,6 +112,12 @@ class CenterKernelCallback(Callback):
         record_batches: batches of the training loader read at the end of a task for the covariance and the
             statistics (None: as many as the Trainer's ``limit_train_batches`` allows; a loader without a
             length, such as an infinite ``IterableDataset``, then needs ``record_batches``).
+        prototype_replay: keep one mean head-input feature per class of every finished task and, in every later
+            task, add ``τ · prototype_weight · CE(head(p) / τ, y_p)`` on prototypes drawn from old classes to the
+            loss the module's ``training_step`` returns (:class:`~lightning_cskl.core.prototypes.PrototypeMemory`;
+            as many prototypes as the batch has samples). The task's own term stays the module's loss (the
+            Avalanche door also divides its logits by τ, which a callback cannot do to a user's loss).
+        prototype_weight, temperature: of the prototype replay (10 and τ = 0.1, the research code's).
 
     Example:
         >>> cb = CenterKernelCallback(channel_ratio=0.75)
@@ -129,9 +136,17 @@ class CenterKernelCallback(Callback):
         target_fn: Optional[Callable[[Any], Tensor]] = None,
         shrinkage: float = 1e-4,
         record_batches: Optional[int] = None,
+        prototype_replay: bool = False,
+        prototype_weight: float = 10.0,
+        temperature: float = 0.1,
         **options: Any,
     ) -> None:
         self.learner = CenterKernelLearner(config, **options)
+        if not isinstance(prototype_replay, bool):
+            raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use True or False")
+        self.prototype_replay = prototype_replay
+        self.memory = PrototypeMemory(prototype_weight, temperature, seed=self.learner.config.seed)
+        self._replay_module: Optional[torch.nn.Module] = None
         if record_batches is not None and (
             isinstance(record_batches, bool) or not isinstance(record_batches, int) or record_batches < 1
         ):
@@ -190,6 +205,7 @@ class CenterKernelCallback(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_replay(pl_module)
         remaining = self.config.score_batches - self.learner.scored_batches
         if self.learner.phase == SCORING and trainer.estimated_stepping_batches <= remaining:
             rank_zero_warn(
@@ -216,12 +232,14 @@ class CenterKernelCallback(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_optimizer_hooks()
+        self._stop_replay()
         loader = trainer.train_dataloader
         device = pl_module.device
         features: list[Tensor] = []
         capture = None
         moments = ClassMoments()  # summed over DDP ranks after the pass: each rank reads its own shard
-        if self.statistics is not None:
+        records = self.statistics is not None or self.prototype_replay
+        if records:
             capture = self.head_module(pl_module).register_forward_pre_hook(
                 lambda module, args: features.append(args[0]))
 
@@ -234,7 +252,7 @@ class CenterKernelCallback(Callback):
                 batch = trainer.strategy.batch_to_device(batch, device)
                 features.clear()
                 self.forward_fn(pl_module, batch)
-                if self.statistics is not None and features:
+                if records and features:
                     moments.add(features[-1], self.target_fn(batch))
 
         try:
@@ -242,11 +260,15 @@ class CenterKernelCallback(Callback):
         finally:
             if capture is not None:
                 capture.remove()
-        if self.statistics is not None:
+        if records:
             # a rank that saw no sample still takes part in the reduction, with the head's input size
             size = moments.sums.shape[1] if moments.sums is not None else getattr(self.head_module(pl_module),
                                                                                   "in_features", 0)
-            self.statistics.add_moments(moments.all_reduce_(size))
+            moments = moments.all_reduce_(size)
+            if self.statistics is not None:
+                self.statistics.add_moments(moments)
+            if self.prototype_replay:
+                self.memory.add_moments(moments)
         rank_zero_info(f"CenterKernelCallback: task {self.learner.tasks_seen} done, branches folded back")
 
     def _record_limit(self, trainer: L.Trainer) -> float:
@@ -263,12 +285,14 @@ class CenterKernelCallback(Callback):
         # the learner's state stays as it is, so that a checkpoint written now (OnExceptionCheckpoint runs after
         # this hook) can resume the task; the next setup starts a fresh task unless that checkpoint is loaded
         self._remove_optimizer_hooks()
+        self._stop_replay()
         self.learner.suspend()
         self._aborted = True
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_optimizer_hooks()
+        self._stop_replay()
         if stage == "fit" and self.learner.model is not None and self.learner.phase != IDLE and not self._aborted:
             # the fit ended without training (an empty loader, max_steps=0): Lightning never called on_train_end
             rank_zero_warn("CenterKernelCallback: the fit ended before training ended (an empty training loader?): "
@@ -281,15 +305,53 @@ class CenterKernelCallback(Callback):
         state = self.learner.state_dict()
         if self.statistics is not None:
             state["statistics"] = self.statistics.state_dict()
+        if self.prototype_replay:
+            state["prototypes"] = self.memory.state_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         statistics = state.pop("statistics", None)
+        prototypes = state.pop("prototypes", None)
         self.learner.load_state_dict(state)
         if self.statistics is not None and statistics is not None:
             self.statistics.load_state_dict(statistics)
+        if self.prototype_replay and prototypes is not None:
+            self.memory.load_state_dict(prototypes)
+
+    def replay_loss(self, pl_module: torch.nn.Module, batch_size: int) -> Tensor:
+        """The prototype term for a batch of ``batch_size`` samples (what ``prototype_replay=True`` adds to the
+        loss; call it yourself to place it in a loss of your own).
+
+        Raises:
+            RuntimeError: no task has ended yet, so there are no prototypes.
+        """
+        return self.memory.loss(self.head_module(pl_module), batch_size)
+
+    def _start_replay(self, pl_module: L.LightningModule) -> None:
+        """Add the prototype term to the module's training loss for this task (an instance attribute over its
+        ``training_step``, removed when the task ends or fails)."""
+        if not (self.prototype_replay and len(self.memory)) or self.learner.is_base_task or self._replay_module:
+            return
+        self.memory.begin_task(self.learner.tasks_seen)
+        step = pl_module.training_step
+
+        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            output = step(batch, *args, **kwargs)
+            loss = output["loss"] if isinstance(output, Mapping) else output
+            if not isinstance(loss, Tensor):  # the step skipped the batch (None)
+                return output
+            loss = loss + self.replay_loss(pl_module, len(self.target_fn(batch)))
+            return {**output, "loss": loss} if isinstance(output, Mapping) else loss
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._replay_module = pl_module
+
+    def _stop_replay(self) -> None:
+        if self._replay_module is not None:
+            self._replay_module.__dict__.pop("training_step", None)
+            self._replay_module = None
 
     def detach_statistics(self) -> None:
         """Let the head answer with its trained output again in eval mode (undoes the statistics head)."""
