@@ -4,6 +4,7 @@ Avalanche again): a real end-to-end run on Split Digits, the shipped configs, an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,28 @@ def benchmark_with_an_empty_experience():
         benchmark_from_datasets(train=[dataset(64, 0), dataset(0, 1)], test=[dataset(16, 0), dataset(16, 1)]))
 
 
-def test_run_on_digits_end_to_end(tmp_path, capsys):
-    main(["run", "--output_dir", str(tmp_path), "--name", "digits", *QUICK])
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One `cskl run` on Split Digits (CsKO, checkpoint, W&B offline), made once; tests work on copies."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("digits_run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["run", "--output_dir", str(root), "--name", "digits", *QUICK])
+    return root / "digits", out.getvalue()
+
+
+def _copy_run(digits_run, tmp_path) -> Path:
     folder = tmp_path / "digits"
+    shutil.copytree(digits_run[0], folder)
+    return folder
+
+
+def test_run_on_digits_end_to_end(digits_run, tmp_path, capsys):
+    out = digits_run[1]
+    folder = digits_run[0]
     results = json.loads((folder / "results.json").read_text())
     accuracy = results["accuracy"]
     assert len(accuracy) == 4 and all(len(row) == 4 for row in accuracy)  # base 4 classes + 3 × 2
@@ -54,6 +73,7 @@ def test_run_on_digits_end_to_end(tmp_path, capsys):
     assert f"{results['acc']:.3f}" in out
 
     # resuming the finished run trains nothing and gives the same matrix; another config is refused
+    folder = _copy_run(digits_run, tmp_path)
     main(["run", "--output_dir", str(tmp_path), "--name", "digits", *QUICK, "--resume", "true", "--wandb.mode", "disabled"])
     assert json.loads((folder / "results.json").read_text())["accuracy"] == accuracy
     capsys.readouterr()
@@ -233,19 +253,18 @@ def test_domain_and_cross_dataset_data_options_are_refused_where_they_do_not_app
     assert "batch_size=0 is not allowed" in _error(capsys, ["bench", "--batch_size", "0"])
 
 
-def test_damaged_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, capsys):
-    quick = ["--output_dir", str(tmp_path), *QUICK, "--wandb.mode", "disabled", "--train.epochs", "1"]
-    main(["run", "--name", "ours", *quick])
+def test_damaged_or_foreign_checkpoints_are_refused_in_one_line(digits_run, tmp_path, capsys):
+    quick = ["--output_dir", str(tmp_path), *QUICK, "--wandb.mode", "disabled"]
+    checkpoint = _copy_run(digits_run, tmp_path) / "checkpoint.pt"
     main(["run", "--name", "theirs", "--method", "naive", *quick])
     capsys.readouterr()
-    checkpoint = tmp_path / "ours" / "checkpoint.pt"
     # another run's checkpoint beside this run's config.json: the checkpoint carries its own identity
     checkpoint.write_bytes((tmp_path / "theirs" / "checkpoint.pt").read_bytes())
-    err = _error(capsys, ["run", "--name", "ours", *quick, "--resume", "true"])
+    err = _error(capsys, ["run", "--name", "digits", *quick, "--resume", "true"])
     assert "was written by another run (method differ)" in err
     for damaged in (b"", b"\x00garbage" * 10, (tmp_path / "theirs" / "checkpoint.pt").read_bytes()[:500]):
         checkpoint.write_bytes(damaged)
-        assert "cannot be read as a checkpoint" in _error(capsys, ["run", "--name", "ours", *quick, "--resume", "true"])
+        assert "cannot be read as a checkpoint" in _error(capsys, ["run", "--name", "digits", *quick, "--resume", "true"])
 
 
 def test_an_output_dir_that_cannot_be_written_fails_before_the_data_loads(tmp_path, capsys):
