@@ -24,12 +24,12 @@ from lightning_cskl.avalanche import (
     TaskIncrementalNet,
     WandbLogger,
     load_checkpoint,
-    read_offline_run,
     run_continual,
 )
 from lightning_cskl.core import NoEligibleLayerError
 from lightning_cskl.data import split_digits, split_digits_benchmark
 from lightning_cskl.models import SmallCNN
+from tests.wandb_helpers import read_offline_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 

@@ -9,7 +9,7 @@ from .run import (
     train_base,
 )
 from .strategy import CSKLPlugin, CSKLStrategy, EmptyExperienceError, find_head
-from .wandb_logger import WandbLogger, read_offline_run
+from .wandb_logger import WandbLogger
 
 __all__ = [
     "CSKLPlugin",
@@ -25,7 +25,6 @@ __all__ = [
     "accuracy_summary",
     "find_head",
     "load_checkpoint",
-    "read_offline_run",
     "run_continual",
     "train_base",
     "save_checkpoint",
