@@ -410,3 +410,12 @@ def test_prototype_replay_from_the_lightning_door_keeps_old_classes(digit_tasks)
             assert "prototypes" in cb.state_dict()
     # measured: [0.00, 0.00, 0.45] without, [0.97, 0.58, 0.14] with (mean 0.15 -> 0.56)
     assert accuracies[True][0] > 0.9 and sum(accuracies[True]) > sum(accuracies[False]) + 0.6, accuracies
+
+
+def test_a_true_precision_cast_after_setup_rebuilds_the_branches(digit_tasks):
+    """Lightning casts the model in ``bf16-true`` after the callback's setup attached the branches: they follow."""
+    model = make_model()
+    cb = CenterKernelCallback(score_batches=2, first_task="center")
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1, precision="bf16-true")
+    assert cb.learner.tasks_seen == 1 and next(model.parameters()).dtype == torch.bfloat16
+    assert all(attached_branch(m) is None for m in model.modules())

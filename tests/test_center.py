@@ -245,3 +245,28 @@ def test_the_weight_gradient_costs_scale_with_the_selected_channels(groups):
     whole, whole_size = weight_gradient_flops(None)
     quarter, quarter_size = weight_gradient_flops(torch.arange(0, 16, 4))
     assert quarter_size * 4 == whole_size and quarter * 4 == whole > 0
+
+
+def test_a_call_by_keyword_and_a_pickled_copy_keep_the_branch():
+    import pickle
+
+    from torch.utils.hooks import RemovableHandle
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    branch = CenterBranch(conv, torch.tensor([0, 2]))
+    with torch.no_grad():
+        branch.param.add_(1.0)
+    x = torch.randn(1, 3, 5, 5)
+    expected = conv(x)
+    assert torch.equal(conv(input=x), expected)
+    # a new process restarts the hook-id counter: a hook registered on the unpickled conv must not replace ours
+    saved = RemovableHandle.next_id
+    try:
+        RemovableHandle.next_id = 0
+        twin = pickle.loads(pickle.dumps(conv))
+        twin.register_forward_hook(lambda m, a, out: None)
+        assert torch.allclose(twin(x), expected, atol=1e-6)
+        attached_branch(twin).fold()
+        assert len(twin._forward_hooks) == 1  # the user's hook stays
+    finally:
+        RemovableHandle.next_id = max(saved, RemovableHandle.next_id)

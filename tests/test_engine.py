@@ -534,3 +534,43 @@ def test_an_unknown_or_renamed_option_is_refused_naming_the_new_name():
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['chanel_ratio'\]; the method's options are: .*channel_ratio"):
         CenterKernelLearner(chanel_ratio=0.5)
 
+
+
+def test_a_train_also_module_that_holds_a_trained_conv_does_not_move_its_kernel():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()),
+                        nn.Flatten(), nn.Linear(4 * 36, 4))
+    learner = CenterKernelLearner(layers=["1.0"], train_also=["1", "3"], first_task="center", score_batches=1)
+    before = net[1][0].weight.detach().clone()
+    train(learner, net, torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,)), OPTIMIZERS["adam"], steps=4)
+    after = net.state_dict()["1.0.weight"]
+    off_center = torch.ones_like(before, dtype=torch.bool)
+    off_center[:, :, 1, 1] = False
+    assert torch.equal(after[off_center], before[off_center])
+    assert not torch.equal(after[:, :, 1, 1], before[:, :, 1, 1])
+
+
+def test_a_center_joins_only_the_optimizer_that_holds_its_conv():
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv2"], first_task="center", score_batches=1)
+    learner.bind(net)
+    learner.begin_task()
+    backbone = torch.optim.SGD([net.conv1.weight, net.conv2.weight, net.conv3.weight], lr=0.1)
+    head = torch.optim.SGD(net.head.parameters(), lr=0.1)
+    handles = [learner.attach_optimizer(backbone), learner.attach_optimizer(head)]
+    center = learner.trained_tensor("conv2")
+    assert any(center is p for p in backbone.param_groups[0]["params"])
+    assert not any(center is p for g in head.param_groups for p in g["params"])
+    for handle in handles:
+        handle.remove()
+
+
+def test_a_scoring_step_with_an_infinite_head_gradient_is_not_counted():
+    net = Net()
+    learner = CenterKernelLearner(layers=["conv2"], first_task="center", score_batches=2)
+    learner.bind(net)
+    learner.begin_task()
+    nn.functional.cross_entropy(net(torch.randn(8, 3, 6, 6)), torch.randint(0, 4, (8,))).backward()
+    net.head.weight.grad[0, 0] = float("inf")  # the AMP scaler will skip this step
+    learner.before_update()
+    assert learner.scored_batches == 0 and learner.phase == "scoring"

@@ -233,12 +233,16 @@ def attached_branch(conv: nn.Module) -> Optional["CenterBranch"]:
     return conv.__dict__.get(_ATTRIBUTE)
 
 
-def _forward_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Optional[Tensor]:
+def _forward_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Optional[Tensor]:
     branch = attached_branch(module)
-    return None if branch is None else output + branch.contribution(args[0], output)
+    if branch is None:
+        return None
+    return output + branch.contribution(args[0] if args else kwargs["input"], output)
 
 
 def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # the emitted weight is a copy with the centers written in (also under keep_vars=True: the Parameter itself
+    # holds zeros at those taps while a branch is attached)
     branch = attached_branch(module)
     key = prefix + "weight"
     if branch is not None and key in state_dict:
@@ -312,7 +316,7 @@ class CenterBranch:
             taps.zero_()
         conv.__dict__[_ATTRIBUTE] = self
         # hooks are kept by (dict attribute, key), not by handle: a deep copy of the model then folds its own copy
-        self._hooks = [self._key(conv, conv.register_forward_hook(_forward_hook, prepend=True)),
+        self._hooks = [self._key(conv, conv.register_forward_hook(_forward_hook, prepend=True, with_kwargs=True)),
                        self._key(conv, conv.register_state_dict_post_hook(_state_dict_hook)),
                        self._key(conv, conv.register_load_state_dict_pre_hook(_load_pre_hook))]
 
@@ -320,6 +324,14 @@ class CenterBranch:
     def _key(conv: nn.Module, handle: Any) -> tuple[list[str], int]:
         dicts = [d() for d in (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ()))]
         return [name for name, value in vars(conv).items() if any(value is d for d in dicts)], handle.id
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # hooks are keyed by id; in a new process (torch.load of a pickled model) the id counter restarts, and a
+        # later hook on this conv would take one of these keys: move the counter past them
+        self.__dict__.update(state)
+        from torch.utils.hooks import RemovableHandle
+
+        RemovableHandle.next_id = max(RemovableHandle.next_id, max(key for _, key in self._hooks) + 1)
 
     def _taps(self, weight: Tensor) -> "_TapView":
         """The trained center taps of a weight shaped like the convolution's."""

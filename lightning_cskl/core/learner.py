@@ -364,7 +364,8 @@ class CenterKernelLearner:
         return selected.nonzero().squeeze(1)
 
     def _sync_branches(self) -> None:
-        """Attach, replace or fold the branches so that they match the phase, the selection and the device."""
+        """Attach, replace or fold the branches so that they match the phase, the selection, the device and the
+        dtype (Lightning's ``*-true`` precisions cast the model after ``setup``)."""
         model = self._require_model()
         wanted = self.phase in (SCORING, TRAINING)
         for name, layer in self.layers.items():
@@ -375,6 +376,7 @@ class CenterKernelLearner:
             channels = self._branch_channels(name) if wanted else None
             if branch is not None:
                 same = (wanted and branch.param.device == conv.weight.device
+                        and branch.param.dtype == conv.weight.dtype
                         and branch.gradient_filter == self.config.gradient_filter
                         and (branch.channels is None) == (channels is None)
                         and (channels is None or torch.equal(branch.channels.cpu(), channels.cpu())))
@@ -396,22 +398,24 @@ class CenterKernelLearner:
                 branch.fold()
 
     def _hold(self, param: nn.Parameter, weight: Tensor) -> None:
-        """Add ``param`` to every attached optimizer, in the group of ``weight`` (else the first group)."""
-        for ref in self._optimizers:
-            optimizer = ref()
-            if optimizer is None or any(param is q for group in optimizer.param_groups for q in group["params"]):
+        """Add ``param`` to the optimizers that hold ``weight``, in its group; if none does, to the first attached
+        optimizer's first group (one optimizer steps a center, never two)."""
+        optimizers = [o for o in (ref() for ref in self._optimizers) if o is not None]
+        holding = [o for o in optimizers if any(weight is q for g in o.param_groups for q in g["params"])]
+        for optimizer in holding or optimizers[:1]:
+            if any(param is q for group in optimizer.param_groups for q in group["params"]):
                 continue
             groups = [g for g in optimizer.param_groups if any(weight is q for q in g["params"])]
             (groups or optimizer.param_groups)[0]["params"].append(param)
 
     def _release(self, param: nn.Parameter) -> None:
-        """Take ``param`` and its state out of every attached optimizer."""
+        """Take ``param`` and its state out of every attached optimizer (in place: LBFGS keeps the list)."""
         for ref in self._optimizers:
             optimizer = ref()
             if optimizer is None:
                 continue
             for group in optimizer.param_groups:
-                group["params"] = [q for q in group["params"] if q is not param]
+                group["params"][:] = [q for q in group["params"] if q is not param]
             optimizer.state.pop(param, None)
 
     # ------------------------------------------------------------------ task lifecycle
@@ -459,7 +463,9 @@ class CenterKernelLearner:
         for name in self._train_also_modules():
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(self._flags.get(id(p), True))
-        for name in self.layers:
+        for name, layer in self.layers.items():
+            if not layer.in_place:  # a train_also module that holds a trained conv must not train its kernel
+                model.get_submodule(name).weight.requires_grad_(False)
             self.trained_tensor(name).requires_grad_(True)
         if self.config.freeze_batchnorm:
             self._frozen_bn.freeze(model)
@@ -652,7 +658,8 @@ class CenterKernelLearner:
                 grad = self.trained_tensor(name).grad
                 if grad is not None:
                     grads[name] = self._center_view(name, grad).detach().to(torch.float64)
-            finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
+            # every trainable gradient, not only the centers': a step the AMP scaler skips must not count
+            finite = self._gradients_finite()
             for p in self._branch_params():
                 p.grad = None
             # the model's own gradients are zeroed, not dropped: plugins that read every trainable parameter's

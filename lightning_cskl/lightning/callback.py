@@ -205,6 +205,7 @@ class CenterKernelCallback(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record_limit(trainer)  # an endless loader without record_batches fails now, not after the task
         self._start_replay(pl_module)
         remaining = self.config.score_batches - self.learner.scored_batches
         if self.learner.phase == SCORING and trainer.estimated_stepping_batches <= remaining:
@@ -239,17 +240,17 @@ class CenterKernelCallback(Callback):
         capture = None
         moments = ClassMoments()  # summed over DDP ranks after the pass: each rank reads its own shard
         records = self.statistics is not None or self.prototype_replay
+        limit = self._record_limit(trainer)  # before any hook is registered: it may refuse an endless loader
         if records:
             capture = self.head_module(pl_module).register_forward_pre_hook(
                 lambda module, args: features.append(args[0]))
-
-        limit = self._record_limit(trainer)
 
         def run_forward() -> None:
             for index, batch in enumerate(loader):
                 if index >= limit:
                     break
-                batch = trainer.strategy.batch_to_device(batch, device)
+                # the Trainer's own input conversion (a `*-true` precision casts the model, and so the inputs)
+                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, device))
                 features.clear()
                 self.forward_fn(pl_module, batch)
                 if records and features:
