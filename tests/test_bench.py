@@ -74,6 +74,11 @@ def test_bench_rows_hold_accuracy_and_cost(bench):
     assert ours["step_time_ratio"] == pytest.approx(ours["step_time_s"] / full["step_time_s"])
     assert gpm["projection_state_bytes"] > ours["projection_state_bytes"] > 0  # (C·k²)² against C² per layer
     assert ours["trainable_parameters"] < gpm["trainable_parameters"] < full["trainable_parameters"]
+    # the centers held beside the model count as trainable, with their gradients: Adam keeps two moments of every
+    # trainable element (and a step count per tensor), no more, no less
+    trainable = ours["trainable_parameters"]
+    assert ours["gradient_bytes"] == 4 * trainable
+    assert 8 * trainable <= ours["optimizer_state_bytes"] <= 8 * trainable + 8 * 16
     assert ours["flops"] < full["flops"] and ours["gradient_bytes"] < gpm["gradient_bytes"]
     for row in rows.values():  # forward + backward (the optimizer step and projection included) = the step
         assert 0 < row["forward_flops"] < row["flops"]

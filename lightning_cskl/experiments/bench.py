@@ -110,6 +110,10 @@ class _StepHooks:
         if self.learner is not None:
             self.learner.before_update()
 
+    def trainable_parameters(self) -> list[Any]:
+        """What trains beside the model's own parameters (CsKO's center branches), for measure_step's counts."""
+        return self.learner.trainable_parameters() if self.learner is not None else []
+
     def projection_state_bytes(self) -> int:
         if self.learner is not None:
             return int(self.learner.projection_state_bytes())
