@@ -1,5 +1,5 @@
 """Semantic drift compensation of the LDA head's stored class means (Yu et al., "Semantic Drift Compensation
-for Class-Incremental Learning", CVPR 2020), with backbone methods that do move features (issue 9, exploration;
+for Class-Incremental Learning", CVPR 2020), with backbone methods that do move features (an exploration;
 the measured answer in BENCHMARKS.md is that it does not rescue them here).
 
 For each incremental experience the features of its training data are taken before and after it trains; each

@@ -1,4 +1,4 @@
-"""Scaling of CsKO's cost against width and of its projection state against the number of tasks (issue 4).
+"""Scaling of CsKO's cost against width and of its projection state against the number of tasks.
 
 Table 1 (width): per-step cost, batch 32, of full fine-tuning, GPM (whole k×k kernels of the layers CsKO
 trains, energy criterion, Avalanche's ``FullKernelProjectionPlugin`` driven directly) and CsKO + DCES (engine

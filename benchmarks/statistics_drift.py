@@ -1,4 +1,4 @@
-"""Do the stored class statistics stay valid while the backbone trains? (issue 9)
+"""Do the stored class statistics stay valid while the backbone trains?
 
 The LDA statistics head keeps, per class, the mean feature measured when the class's experience ended, and one
 shared covariance. If a method's backbone updates move old features, those statistics go stale. After the last

@@ -1,5 +1,5 @@
 """Does training the centers against the LDA statistics head (instead of the trained linear head) make them
-earn their cost? (issue 9, exploration; the answer measured in BENCHMARKS.md is no.)
+earn their cost? (an exploration; the answer measured in BENCHMARKS.md is no.)
 
 For each incremental experience the statistics of CsKO's LDA head are first updated, on a copy, with the
 experience's own features from the network as it is at the experience's start; the centers then train with

@@ -43,7 +43,7 @@ def run(config: RunConfig) -> dict[str, Any]:
 SUBCOMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "run": (RunConfig, run, "a continual-learning run (default: Split Digits, class-incremental, CsKO)"),
     "bench": (BenchConfig, bench, "every method side by side: accuracy, memory, FLOPs, step time (tables + plots)"),
-    "study": (StudyConfig, run_study, "knowledge intensity of each kernel tap per depth (issue 5): table, heatmaps"),
+    "study": (StudyConfig, run_study, "knowledge intensity of each kernel tap per depth: table, heatmaps"),
 }
 
 

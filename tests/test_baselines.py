@@ -323,7 +323,7 @@ def test_replay_variants_replay_only_with_a_single_head(name, class_benchmark, t
     assert single.baseline.projection_criterion == ("energy" if name == "gpm_replay" else "null_space")
 
 
-# ---------------------------------------------------------------------------------------------- issue 9
+# ---------------------------------------------------------------------------------------------- statistics heads
 def test_frozen_backbone_methods_change_nothing_and_never_step(class_benchmark):
     from avalanche.core import SupervisedPlugin
 

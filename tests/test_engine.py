@@ -401,7 +401,7 @@ def test_state_dict_is_weights_only_loadable_and_round_trips():
         CenterKernelLearner(layers="all").load_state_dict(state)
 
 
-# ---------------------------------------------------------------------------------------------- issue 9
+# ---------------------------------------------------------------------------------------------- projection rules
 def test_relative_rule_bounds_the_old_output_change_by_its_threshold():
     torch.manual_seed(0)
     net = Net()

@@ -1,4 +1,4 @@
-"""Scaling helpers (issue 4): CsKO's projection state is constant in the number of tasks, the full-kernel
+"""Scaling helpers: CsKO's projection state is constant in the number of tasks, the full-kernel
 baseline's covariance is k⁴ times larger per layer, published GPM's basis grows, costs grow with width."""
 
 import copy

@@ -1,4 +1,4 @@
-"""The knowledge-intensity study (issue 5) on a few hundred Split Digits samples: the files it writes, the
+"""The knowledge-intensity study on a few hundred Split Digits samples: the files it writes, the
 tap-only training (exactly one tap of each trained conv moves, everything else bit-identical), the base
 checkpoint cache, and the errors for bad settings."""
 

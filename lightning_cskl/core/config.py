@@ -31,7 +31,7 @@ class CenterKernelConfig:
             against qualified names. A 1×1 convolution is all center: its whole weight trains in place. On
             depthwise-separable nets "auto" picks depthwise convolutions (one center scale per channel); on
             MobileNetV2 their centers never moved (their null space holds only dead channels) and training the
-            1×1 convolutions of the same blocks instead was no more accurate (BENCHMARKS.md, issue 9).
+            1×1 convolutions of the same blocks instead was no more accurate (BENCHMARKS.md).
         channel_ratio: fraction of input channels per layer whose center weights may change in a task, (0, 1].
         selection: how channels are chosen: ``"gradient"`` (DCES), ``"magnitude"`` or ``"random"``.
         score_batches: optimizer steps at the start of a task that only accumulate DCES scores (their

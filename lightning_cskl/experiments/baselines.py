@@ -25,7 +25,7 @@ name                   what trains after the base session (experience 0 always t
                        default for single-head models)
 =====================  ==========================================================================================
 
-``csko_dces_filter`` is CsKO + DCES with 2×2 gradient filtering on the center branches (issue 5: less
+``csko_dces_filter`` is CsKO + DCES with 2×2 gradient filtering on the center branches (less
 activation memory, exact forward). ``gpm_replay`` and ``adam_nscl_replay`` are GPM and Adam-NSCL with
 CsKO's prototype replay (``prototype_replay="auto"``: single-head models only; on task-incremental
 multi-head models they are ``gpm`` and ``adam_nscl``): beside CsKO + DCES, which replays prototypes too, they

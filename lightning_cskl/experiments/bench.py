@@ -556,7 +556,7 @@ def _all_methods() -> list[str]:
 
 @dataclass
 class BenchConfig:
-    """Every method side by side on one benchmark (issue 4): accuracy and per-step cost, mean ± std over seeds.
+    """Every method side by side on one benchmark: accuracy and per-step cost, mean ± std over seeds.
 
     Args:
         methods: names from ``lightning_cskl.experiments.baselines.METHODS`` (default: all of them), or

@@ -1,4 +1,4 @@
-"""Measurement helpers for the scaling tables (issue 4): cost against width, projection state against tasks.
+"""Measurement helpers for the scaling tables: cost against width, projection state against tasks.
 
 Nothing here is the method: CsKO is driven through :class:`~lightning_cskl.core.CenterKernelLearner`, GPM /
 Adam-NSCL through a full-kernel projection object with the interface of

@@ -1,4 +1,4 @@
-"""Per-step training cost of CsKO against full fine-tuning of the same net, in the same run (issue 2).
+"""Per-step training cost of CsKO against full fine-tuning of the same net, in the same run.
 
 For a slim CIFAR-style ResNet-18 and a MobileNetV2 on 32×32 inputs, with the default layers (``"auto"``) and
 Adam, this measures per training step: trainable parameters, training FLOPs (FlopCounterMode: forward,
@@ -15,7 +15,7 @@ machine load; only medians and ratios are reported.
 
 Inputs and labels are synthetic (normal noise, 10 classes): costs per step do not depend on pixel values.
 
-``--ratios 0.25,0.5,0.75,1`` adds, per net, what DCES saves at each channel ratio ρ (engine v2, issue 10): the
+``--ratios 0.25,0.5,0.75,1`` adds, per net, what DCES saves at each channel ratio ρ: the
 trainable tensor, its gradient and Adam state, the weight-gradient FLOPs of the center branches (each branch's
 weight gradient alone, on its real input), the saved input of the lowest trained layer's branch, and the whole
 step's FLOPs and saved activations. Before engine v2, unselected channels were masked, not removed: every ρ cost
@@ -51,7 +51,7 @@ from ..core.accounting import (
 )
 from ..models import mobilenet_v2, resnet18
 
-# aims of issue 2: CsKO / full fine-tuning
+# aims: CsKO / full fine-tuning
 AIMS = {
     "flops": 0.5,
     "saved_activation_bytes": 0.25,

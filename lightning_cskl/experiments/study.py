@@ -1,4 +1,4 @@
-"""The knowledge-intensity study (issue 5): which tap of a 3×3 kernel learns a new task best, at each depth.
+"""The knowledge-intensity study: which tap of a 3×3 kernel learns a new task best, at each depth.
 
 The method rests on one empirical claim: the CENTER element of a conv kernel carries the most "knowledge
 intensity" for learning new data, especially in deeper layers. This module measures it on any of our
