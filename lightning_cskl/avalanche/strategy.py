@@ -9,8 +9,8 @@ before_train_dataset_adapt.    refuse an experience without samples (before mode
 before_training_exp            ``bind`` + ``begin_task`` (freeze, attach the center branches),
                                then rebuild the optimizer from the model with a fresh state and
                                ``attach_optimizer`` (the centers join it; every step is projected)
-after_backward                 ``before_update`` (DCES scoring steps drop their gradients; then
-                               the branches keep only the selected channels)
+after_backward                 ``before_update`` (DCES scoring steps move nothing; then the
+                               branches keep only the selected channels)
 after_training_exp             ``end_task``: center-input covariance of the experience, fold back
 =============================  ==================================================================
 
@@ -406,7 +406,7 @@ class CSKLStrategy(SupervisedTemplate):
     Args:
         model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator,
             eval_every, peval_mode: as for Avalanche's ``SupervisedTemplate``. ``plugins`` is copied, never
-            changed; the CSKL plugin is appended to the copy and available as ``strategy.cskl``.
+            changed; the CSKL plugin is put first in the copy and available as ``strategy.cskl``.
         config, prototype_replay, prototype_weight, temperature, head, record_batches, statistics_head,
             shrinkage: see :class:`CSKLPlugin`.
         **options: the other fields of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,

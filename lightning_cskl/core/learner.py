@@ -7,7 +7,7 @@
     handle = learner.attach_optimizer(optimizer)   # the branches' centers join the optimizer
     for batch in task:                  # the framework's loop
         loss.backward()
-        learner.before_update()         # first `score_batches` steps: DCES scores, gradients dropped, then
+        learner.before_update()         # first `score_batches` steps: DCES scores, nothing moves, then
                                         # the branches shrink to the selected channels
         optimizer.step()                # step hooks project every center update onto the free subspace
     learner.end_task(run_forward)       # covariance of this task's center inputs, fold, unfreeze
@@ -613,10 +613,11 @@ class CenterKernelLearner:
     def before_update(self) -> None:
         """Call after backward and before ``optimizer.step()`` (gradients final: averaged, unscaled).
 
-        While DCES scores a task, it adds the center gradients to the channel scores and drops every
-        gradient, so the step that follows moves nothing (optimizers skip parameters without a gradient);
-        a step with non-finite gradients (one the AMP scaler will skip) is not counted. Afterwards it zeroes
-        the gradients of unselected channels and non-center taps, and drops every gradient of a step whose
+        While DCES scores a task, it adds the center gradients to the channel scores, drops the centers'
+        gradients and zeroes the model's (plugins such as SI read them), and the step hooks put back whatever the
+        step moves (weight decay), so the step moves nothing; a step with non-finite gradients (one the AMP scaler
+        will skip) is not counted. Afterwards it zeroes the gradients of unselected channels (where a branch holds
+        every channel) and non-center taps (mask mode), and drops every gradient of a step whose
         gradients are not finite (a NaN input, a diverging optimizer), so that nothing moves in that step, as
         AMP does; such steps are counted in ``skipped_steps`` and reported when the task ends.
         """
