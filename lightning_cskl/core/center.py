@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CenterBranch", "attached_branch", "center_index", "center_input", "center_slice", "is_eligible_conv"]
+__all__ = ["CenterBranch", "attached_branch", "center_index", "center_input", "center_slice", "is_eligible_conv",
+           "validate_gradient_filter"]
 
 _ConvNd = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -228,6 +229,13 @@ class _SelectedPointwise(torch.autograd.Function):
 _ATTRIBUTE = "_center_branch"
 
 
+def validate_gradient_filter(value: Optional[int]) -> Optional[int]:
+    """Return ``value`` if it is None or a patch size (int >= 2), else raise a ValueError quoting it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ValueError(f"gradient_filter={value!r} is not allowed: use None or a patch size >= 2")
+    return value
+
+
 def attached_branch(conv: nn.Module) -> Optional["CenterBranch"]:
     """The :class:`CenterBranch` attached to ``conv``, or None."""
     return conv.__dict__.get(_ATTRIBUTE)
@@ -247,7 +255,7 @@ def _state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str,
     key = prefix + "weight"
     if branch is not None and key in state_dict:
         weight = state_dict[key].detach().clone()
-        branch._taps(weight).copy_(branch.param.detach().to(weight.dtype))
+        branch._taps(weight).write(branch.param.detach())
         state_dict[key] = weight
 
 
@@ -259,8 +267,8 @@ def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *
     weight = state_dict[key].detach().clone()
     taps = branch._taps(weight)
     with torch.no_grad():
-        branch.param.copy_(taps.to(device=branch.param.device, dtype=branch.param.dtype))
-    taps.zero_()
+        branch.param.copy_(taps.read())  # copy_ converts device and dtype
+    taps.zero()
     state_dict[key] = weight
 
 
@@ -289,9 +297,7 @@ class CenterBranch:
         if not isinstance(conv, _CONV_TYPES) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
             raise TypeError(f"a center branch needs an nn.Conv1d/Conv2d/Conv3d, got {type(conv).__name__}")
         center_index(conv.kernel_size)  # validates an odd kernel
-        if gradient_filter is not None and (isinstance(gradient_filter, bool) or not isinstance(gradient_filter, int)
-                                            or gradient_filter < 2):
-            raise ValueError(f"gradient_filter={gradient_filter!r} is not allowed: use None or a patch size >= 2")
+        validate_gradient_filter(gradient_filter)
         if attached_branch(conv) is not None:
             raise ValueError(f"{type(conv).__name__} already has a center branch: fold it first")
         if channels is not None:
@@ -310,10 +316,9 @@ class CenterBranch:
             per_group = conv.out_channels // conv.groups
             self.rows = (channels[:, None] * per_group + torch.arange(per_group, device=channels.device)).reshape(-1)
         self.gradient_filter = gradient_filter
-        with torch.no_grad():
-            taps = self._taps(conv.weight)
-            self.param = nn.Parameter(taps.detach().clone())
-            taps.zero_()
+        taps = self._taps(conv.weight)
+        self.param = nn.Parameter(taps.read().clone())
+        taps.zero()
         conv.__dict__[_ATTRIBUTE] = self
         # hooks are kept by (dict attribute, key), not by handle: a deep copy of the model then folds its own copy
         self._hooks = [self._key(conv, conv.register_forward_hook(_forward_hook, prepend=True, with_kwargs=True)),
@@ -361,15 +366,14 @@ class CenterBranch:
     def full_center(self) -> Tensor:
         """The convolution's whole center ``(out_channels, in_channels // groups)`` as it computes now."""
         center = self.conv.weight[center_slice(self.conv.kernel_size)].detach().clone()
-        _TapView(center, self.channels, self.rows).copy_(self.param.detach())
+        _TapView(center, self.channels, self.rows).write(self.param.detach())
         return center
 
     def fold(self) -> nn.Module:
         """Write the trained centers back into the kernel, remove every hook; return the convolution."""
         conv = self.conv
         if attached_branch(conv) is self:
-            with torch.no_grad():
-                self._taps(conv.weight).copy_(self.param.detach().to(conv.weight.dtype))
+            self._taps(conv.weight).write(self.param.detach())
             for names, key in self._hooks:
                 for name in names:
                     getattr(conv, name).pop(key, None)
@@ -387,22 +391,22 @@ class _TapView:
         index = channels if rows is None else rows
         self.channels = None if index is None else index.to(center.device)
 
-    def detach(self) -> Tensor:
+    def read(self) -> Tensor:
+        """The trained taps (detached; a copy unless every channel trains)."""
         if self.channels is None:
             return self.center.detach()
         return self.center.detach().index_select(self.dim, self.channels)
 
-    def to(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.detach().to(*args, **kwargs)
-
-    def copy_(self, values: Tensor) -> None:
+    def write(self, values: Tensor) -> None:
+        """Set the trained taps to ``values`` (converted to the center's device and dtype)."""
+        values = values.to(self.center.device, self.center.dtype)
         with torch.no_grad():
             if self.channels is None:
                 self.center.copy_(values)
             else:
-                self.center.index_copy_(self.dim, self.channels, values.to(self.center.device, self.center.dtype))
+                self.center.index_copy_(self.dim, self.channels, values)
 
-    def zero_(self) -> None:
+    def zero(self) -> None:
         with torch.no_grad():
             if self.channels is None:
                 self.center.zero_()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
+from .center import validate_gradient_filter
 from .projection import ProjectionCriterion
 from .selection import SelectionCriterion, validate_channel_ratio
 
@@ -112,11 +113,7 @@ class CenterKernelConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} is not allowed: it must lie in [0, 1]")
-        if self.gradient_filter is not None and (
-            isinstance(self.gradient_filter, bool) or not isinstance(self.gradient_filter, int)
-            or self.gradient_filter < 2
-        ):
-            raise ValueError(f"gradient_filter={self.gradient_filter!r} is not allowed: use None or a patch size >= 2")
+        validate_gradient_filter(self.gradient_filter)
         if isinstance(self.layers, (list, tuple)):
             if not self.layers or not all(isinstance(n, str) for n in self.layers):
                 raise ValueError(f"layers={self.layers!r} is not allowed: a list must hold at least one module name")

@@ -15,8 +15,8 @@ from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
 from ..core.head import ClassMoments, StatisticsHead, StatisticsRule
-from ..core.prototypes import PrototypeMemory
 from ..core.learner import IDLE, SCORING
+from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
 
@@ -81,8 +81,9 @@ class CenterKernelCallback(Callback):
     * ``setup``: freezes everything but the classifier head, before ``configure_optimizers`` runs (and before
       DDP wraps the model); build the optimizer from ``self.parameters()`` as usual;
     * ``on_fit_start``: attaches a center branch beside each chosen convolution (the model keeps its modules,
-      parameter names and ``state_dict`` keys) and adds its centers to every optimizer, in the parameter group
-      of the convolution's weight (else the first group), before a checkpoint's optimizer state is restored;
+      parameter names and ``state_dict`` keys) and adds its centers to the optimizer that holds the
+      convolution's weight, in that weight's parameter group (else to the first optimizer's first group), before
+      a checkpoint's optimizer state is restored;
     * ``on_before_optimizer_step``: the first ``score_batches`` steps of a task score channels (no weight
       moves), then the branches keep only the selected channels; the optimizer's own step hooks project every
       update onto the free subspace of old-task center inputs, whatever the optimizer;
