@@ -706,9 +706,9 @@ class CenterKernelLearner:
         """Add the branches' centers to ``optimizer`` and hook its ``step`` so that every update of a center is
         projected; remove the handle after.
 
-        The centers join the parameter group of their convolution's weight (the first group if no group holds
-        it), now and whenever a branch is rebuilt during the task (when DCES has chosen the channels); they leave
-        it when the task ends. The pre-hook only snapshots the centers (optimizers that take a closure compute
+        A center joins the attached optimizer that holds its convolution's weight, in that weight's parameter group
+        (if none holds it: the first attached optimizer's first group), now and whenever a branch is rebuilt during
+        the task (when DCES has chosen the channels); it leaves when the task ends. The pre-hook only snapshots the centers (optimizers that take a closure compute
         gradients inside ``step``, after the pre-hook), the post-hook replaces the step by its projection
         (:class:`~lightning_cskl.core.step.ConstrainedStep`).
         """
@@ -738,10 +738,10 @@ class CenterKernelLearner:
         if self._clear_state:  # the scoring steps leave no optimizer state (momentum of zero gradients, step counts)
             self._clear_state = False
             params = [p for p in self._require_model().parameters() if p.requires_grad] if self.model else []
-            for ref in self._optimizers:
-                optimizer = ref()
-                for p in params if optimizer is not None else ():
-                    optimizer.state.pop(p, None)
+            for optimizer in (ref() for ref in self._optimizers):
+                if optimizer is not None:
+                    for p in params:
+                        optimizer.state.pop(p, None)
 
     def _projected(self, name: str, before: Tensor, after: Tensor) -> Tensor:
         """The tensor after a step: its center moved by the projected update, every other tap as before (a
