@@ -107,15 +107,19 @@ class StrategyOptions:
         prototype_weight: weight of the prototype loss.
         temperature: τ dividing the logits while prototypes are replayed.
         record_batches: batches per experience used for its covariance and prototypes (None: all).
-        statistics_head: ``auto`` (LDA for class- and domain-incremental runs, the trained head for
-            task-incremental ones), ``lda``, ``ncm`` or null (always the trained head).
+        statistics_head: ``auto`` (CSKLStrategy's choice for class- and domain-incremental runs, the trained
+            head for task-incremental ones), ``lda``, ``ncm``, ``qda`` or null (always the trained head).
+        carry: carry the stored statistics across each update (``affine``, ``shift``, ``sdc``) or null.
+        distill_weight: weight of the feature-distillation term (0: off).
     """
 
     prototype_replay: Union[Literal["auto"], bool] = "auto"
     prototype_weight: float = 10.0
     temperature: float = 0.1
     record_batches: Optional[int] = None
-    statistics_head: Optional[Literal["auto", "lda", "ncm"]] = "auto"
+    statistics_head: Optional[Literal["auto", "lda", "ncm", "qda"]] = "auto"
+    carry: Optional[Literal["affine", "shift", "sdc"]] = None
+    distill_weight: float = 0.0
 
 
 @dataclass

@@ -23,7 +23,8 @@ def main(out_dir: str) -> None:
     tasks = split_digits(n_tasks=5, seed=0)
     model = make_model()
     # the statistics head reads the input of heads.0, which the end-of-task pass feeds (it calls model(x), task 0)
-    cb = CenterKernelCallback(score_batches=2, statistics_head="lda", head="heads.0")
+    # the statistics are carried across the second task's update: the map is fitted on both ranks' shards
+    cb = CenterKernelCallback(score_batches=2, statistics_head="lda", head="heads.0", carry="affine")
     for t in range(2):
         model.current_task = t
         trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",

@@ -429,3 +429,61 @@ def test_prototype_replay_keeps_sgd_with_momentum_stable():
     result = run_continual(split_digits_benchmark("class"), build, progress=False)
     last = result.accuracy[-1]
     assert min(last) > 0.3, last  # every experience still recognised (measured: 0.45 to 0.92 at 4 epochs)
+
+
+def _head_features(model, dataset):
+    from lightning_cskl.avalanche.strategy import find_head
+
+    captured = []
+    handle = find_head(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    model.eval()
+    with torch.no_grad():
+        for x, *_ in torch.utils.data.DataLoader(dataset.eval(), batch_size=512):
+            model(x)
+    handle.remove()
+    return torch.cat(captured).double()
+
+
+def test_carried_statistics_and_prototypes_follow_the_update():
+    """An unprojected update moves the features of the base classes; with carry="affine" their stored means stay
+    near where the base data now lies (re-measured), stale ones drift away; distillation adds its term."""
+    bench = split_digits_benchmark("class")
+    errors, strategies = {}, {}
+    for carry in (None, "affine"):
+        torch.manual_seed(0)
+        model = ClassIncrementalNet(SmallCNN(10, width=16).features, 32, initial_classes=2)
+        strategy = CSKLStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), 1e-2), train_mb_size=32,
+                                train_epochs=3, eval_mb_size=512, evaluator=None, score_batches=2, project=False,
+                                statistics_head="lda", carry=carry, distill_weight=0.1 if carry else 0.0)
+        for experience in list(bench.train_stream)[:2]:
+            strategy.train(experience)
+        base = bench.train_stream[0].dataset
+        now = _head_features(model, base)
+        labels = torch.tensor(list(base.targets))
+        classes = labels.unique()
+        remeasured = torch.stack([now[labels == c].mean(0) for c in classes])
+        stored = strategy.cskl.statistics.means[: len(classes)]
+        prototypes = strategy.cskl.memory.prototypes[: len(classes)].double()
+        errors[carry] = (float((stored - remeasured).norm() / remeasured.norm()),
+                         float((prototypes - remeasured).norm() / remeasured.norm()))
+        strategies[carry] = strategy
+    assert errors["affine"][0] < 0.5 * errors[None][0], errors
+    assert errors["affine"][1] < 0.5 * errors[None][1], errors
+    carried = strategies["affine"].cskl
+    assert carried._drift.last.samples == len(bench.train_stream[1].dataset) and carried._drift.seconds > 0
+    assert carried.distill_loss is not None and float(carried.distill_loss) > 0
+    with pytest.raises(ValueError, match="carry='drift' is not allowed"):
+        _tiny_strategy(carry="drift")
+
+
+def test_the_registry_name_cskl_runs_what_cskl_run_runs():
+    from lightning_cskl.experiments.baselines import build_method
+    from lightning_cskl.options import StrategyOptions
+
+    model = ClassIncrementalNet(SmallCNN(10, width=16).features, 32)
+    strategy = build_method("cskl", model=model, optimizer=torch.optim.Adam(model.parameters()), evaluator=None)
+    plugin, defaults = strategy.cskl, StrategyOptions()
+    assert plugin.config == CSKLPlugin().config  # the engine's defaults, as `cskl run` passes them
+    for name in ("prototype_replay", "record_batches", "statistics_head", "carry", "distill_weight"):
+        assert getattr(plugin, name) == getattr(defaults, name), name
+    assert plugin.statistics.rule == "qda"

@@ -48,11 +48,15 @@ def _plain_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("crash_epoch,score_batches", [(2, 4), (1, 12)], ids=["mid-training", "mid-scoring"])
-def test_resume_after_crash_matches_uninterrupted_run(digit_tasks, tmp_path, crash_epoch, score_batches):
+CARRIED = dict(statistics_head="lda", head="heads.0", carry="affine", project=False, distill_weight=1.0)
+
+
+@pytest.mark.parametrize("crash_epoch,score_batches,options", [(2, 4, {}), (1, 12, {}), (2, 4, CARRIED)],
+                         ids=["mid-training", "mid-scoring", "mid-training-carried"])
+def test_resume_after_crash_matches_uninterrupted_run(digit_tasks, tmp_path, crash_epoch, score_batches, options):
     L.seed_everything(0)
     model = make_model()
-    cb = CenterKernelCallback(score_batches=score_batches)
+    cb = CenterKernelCallback(score_batches=score_batches, **options)
     for t in range(2):
         fit_task(model, cb, digit_tasks[t], t, epochs=2)
     start_model, start_cb = copy.deepcopy(model), copy.deepcopy(cb)
@@ -71,7 +75,7 @@ def test_resume_after_crash_matches_uninterrupted_run(digit_tasks, tmp_path, cra
 
     # a new process: fresh model object and a fresh callback, everything else from the checkpoint
     resumed_model = make_model(seed=123)
-    resumed_cb = CenterKernelCallback(score_batches=score_batches)
+    resumed_cb = CenterKernelCallback(score_batches=score_batches, **options)
     fit_task(resumed_model, resumed_cb, digit_tasks[2], 2, epochs=4, ckpt_path=str(tmp_path / "last.ckpt"),
              extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "after")], enable_checkpointing=True)
 
@@ -83,6 +87,10 @@ def test_resume_after_crash_matches_uninterrupted_run(digit_tasks, tmp_path, cra
     for name, cov in ref_cb.learner.covariances.items():
         assert torch.equal(resumed_cb.learner.covariances[name], cov)
     assert resumed_cb.learner.tasks_seen == ref_cb.learner.tasks_seen == 3
+    if options:  # the carried statistics come out the same: the backbone before the task was in the checkpoint
+        assert ref_cb._drift.last is not None and resumed_cb._drift.last is not None
+        assert torch.equal(resumed_cb.statistics.means, ref_cb.statistics.means)
+        assert torch.equal(resumed_cb.statistics.scatter, ref_cb.statistics.scatter)
 
 
 class _RecordCenters(L.Callback):
@@ -419,3 +427,35 @@ def test_a_true_precision_cast_after_setup_rebuilds_the_branches(digit_tasks):
     fit_task(model, cb, digit_tasks[0], 0, epochs=1, precision="bf16-true")
     assert cb.learner.tasks_seen == 1 and next(model.parameters()).dtype == torch.bfloat16
     assert all(attached_branch(m) is None for m in model.modules())
+
+
+def _features(model, head, dataset):
+    captured = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    model.eval()
+    with torch.no_grad():
+        for x, *_ in torch.utils.data.DataLoader(dataset, batch_size=256):
+            model(x)
+    handle.remove()
+    return torch.cat(captured).double()
+
+
+def test_carried_statistics_follow_an_update_that_moves_the_features(digit_tasks):
+    """Without projection the update moves the features; the carried class means of the first task stay near
+    where its data now lies (re-measured), the stale ones do not; distillation adds a term to the loss."""
+    means = {}
+    for carry in (None, "affine"):
+        model = make_model(scenario="class", optimizer="adam", lr=1e-2)
+        cb = CenterKernelCallback(score_batches=2, statistics_head="lda", head="heads.0", project=False,
+                                  carry=carry, distill_weight=0.1 if carry else 0.0)
+        for t in range(2):
+            fit_task(model, cb, digit_tasks[t], t, epochs=3)
+        head = cb.head_module(model)
+        now = _features(model, head, digit_tasks[0].train)
+        labels = torch.tensor([int(y) for _, y, *_ in digit_tasks[0].train])
+        remeasured = torch.stack([now[labels == c].mean(0) for c in labels.unique()])
+        means[carry] = (cb.statistics.means[:2], remeasured)
+    assert cb._drift.last is not None and cb._drift.last.samples == len(digit_tasks[1].train)
+    assert cb.distill_loss is not None and float(cb.distill_loss) > 0
+    error = {k: float((m - r).norm() / r.norm()) for k, (m, r) in means.items()}
+    assert error["affine"] < 0.5 * error[None], error

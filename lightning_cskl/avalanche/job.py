@@ -146,7 +146,8 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
         s = config.strategy
         return CSKLStrategy(**common, config=config.engine, prototype_replay=s.prototype_replay,
                             prototype_weight=s.prototype_weight, temperature=s.temperature,
-                            record_batches=s.record_batches, statistics_head=s.statistics_head)
+                            record_batches=s.record_batches, statistics_head=s.statistics_head, carry=s.carry,
+                            distill_weight=s.distill_weight)
 
     plain_config = asdict(config)
     folder.mkdir(parents=True, exist_ok=True)

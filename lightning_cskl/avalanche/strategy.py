@@ -41,8 +41,9 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
-from ..core.head import StatisticsHead, StatisticsRule
-from ..core.learner import IDLE, SCORING, resolve_train_also
+from ..core.drift import CarryKind, DriftCarry, feature_distillation, validate_carry, validate_distill_weight
+from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead, StatisticsRule
+from ..core.learner import IDLE, SCORING, TRAINING, resolve_train_also
 from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head"]
@@ -107,11 +108,15 @@ def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int]) -
 
 
 def record_pass(strategy: SupervisedTemplate, record_batches: Optional[int], head: Optional[nn.Module],
-                collect: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+                collect: Callable[..., None], before_update: Optional[Callable[[], Any]] = None) -> None:
     """The end-of-experience pass: feed (up to ``record_batches`` batches of) the experience's data through the
     model exactly as training does (``strategy.forward``: task labels for multi-task models), and hand the input
     of ``head`` with the labels of each batch to ``collect``. The caller sets eval mode, ``no_grad`` and whatever
-    hooks record other statistics; the strategy's current mini-batch is restored afterwards."""
+    hooks record other statistics; the strategy's current mini-batch is restored afterwards.
+
+    With ``before_update`` (a context-manager factory, the learner's ``task_start_weights``), each batch runs
+    once more inside it and ``collect`` also receives the head input it gave there (features before the update,
+    paired sample by sample)."""
     features: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
     saved_batch = strategy.mbatch
@@ -122,8 +127,16 @@ def record_pass(strategy: SupervisedTemplate, record_batches: Optional[int], hea
             strategy.mbatch = [t.to(strategy.device) for t in batch]
             features.clear()
             strategy.forward()
-            if features:
+            if not features:
+                continue
+            if before_update is None:
                 collect(features[-1], strategy.mbatch[1])
+                continue
+            new = features[-1]
+            features.clear()
+            with before_update():
+                strategy.forward()
+            collect(new, strategy.mbatch[1], features[-1])
     finally:
         if hook is not None:
             hook.remove()
@@ -149,6 +162,9 @@ class PrototypeReplayHooks(SupervisedPlugin):
     head: str = "auto"
     _replay_head: Optional[nn.Module] = None
     _statistics_handle: Any = None
+    _drift: Optional[DriftCarry] = None  # pairs features before / after the update to carry the statistics
+    _moments: Optional[ClassMoments] = None  # of this experience's features, for the prototypes
+    _statistics_moments: Optional[ClassMoments] = None  # the same, as the statistics head takes them
 
     def replays_prototypes(self, model: nn.Module) -> bool:
         """Whether prototype replay applies to ``model`` (see ``prototype_replay``)."""
@@ -172,15 +188,31 @@ class PrototypeReplayHooks(SupervisedPlugin):
                              "statistics_head=None")
 
     def _begin_feature_collection(self) -> None:
-        self.memory.begin_collect()
+        self._moments = ClassMoments()
+        self._statistics_moments = self.statistics.moments() if self.statistics is not None else None
+        if self._drift is not None:
+            self._drift.reset()
 
-    def _collect_features(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.memory.collect(features, labels)
-        if self.statistics is not None:
-            self.statistics.update(features, labels)
+    def _collect_features(self, features: torch.Tensor, labels: torch.Tensor,
+                          old_features: Optional[torch.Tensor] = None) -> None:
+        if self._moments is None:
+            self._begin_feature_collection()
+        self._moments.add(features, labels)
+        if self._statistics_moments is not None:
+            self._statistics_moments.add(features, labels)
+        if old_features is not None and self._drift is not None:
+            self._drift.add(old_features, features, labels)
 
-    def _end_feature_collection(self) -> None:
-        self.memory.end_collect()
+    def _end_feature_collection(self, task: str = "this experience") -> None:
+        """Carry the stored statistics across the update (when pairs were collected), then merge this
+        experience's."""
+        if self._drift is not None and len(self._drift):
+            self._drift.apply([t for t in (self.statistics, self.memory) if t is not None], task=task)
+        if self._moments is not None:
+            self.memory.add_moments(self._moments)
+        if self.statistics is not None and self._statistics_moments is not None:
+            self.statistics.add_moments(self._statistics_moments)
+        self._moments = self._statistics_moments = None
 
     @override
     def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -228,13 +260,22 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             ``"auto"``: the last ``IncrementalClassifier``, else the last ``nn.Linear``.
         record_batches: evaluation batches of each experience used for its covariance and prototypes
             (None: all).
-        statistics_head: ``"lda"`` or ``"ncm"``: evaluate with a classifier of feature statistics instead of
+        statistics_head: ``"lda"``, ``"ncm"`` or ``"qda"``: evaluate with a classifier of feature statistics instead of
             the trained head (:class:`~lightning_cskl.core.head.StatisticsHead`; class means, plus a shared
             covariance for ``"lda"``, updated from every experience's features at its end); None: the trained
-            head; ``"auto"`` (default): ``"lda"`` for single-head models (class- and domain-incremental; it
-            beat the trained head by 22 to 61 points on every single-head run in BENCHMARKS.md), None for
-            Avalanche ``MultiTaskModule`` models.
-        shrinkage: ε of the ``"lda"`` statistics head.
+            head; ``"auto"`` (default): ``"qda"`` for single-head models (class- and domain-incremental: per-class
+            Gaussian statistics; on the frozen SmallCNN base it beat LDA by 6 to 11 points, BENCHMARKS.md), None
+            for Avalanche ``MultiTaskModule`` models.
+        shrinkage: ε of the ``"lda"`` statistics head, α of the ``"qda"`` one (None: 1e-4 and 0.5).
+        carry: carry the stored class statistics (and prototypes) across each experience's backbone update
+            (:mod:`lightning_cskl.core.drift`): at the experience's end its data runs once more through the
+            backbone as it was before the update, a map from old to new features is fitted on those pairs, and
+            every stored class mean and covariance moves through it before the experience's own statistics are
+            merged: ``"affine"`` (ridge-fitted affine map), ``"shift"`` (mean displacement), ``"sdc"`` (semantic
+            drift compensation) or None (the stored statistics stay as measured).
+        distill_weight: weight of a feature-distillation term on the experience's own data, ``weight ·
+            mean_n ‖f(x_n) − f₀(x_n)‖²`` on the head's input, ``f₀`` the backbone before the update (one extra
+            forward pass per step, without gradient); 0 (default) adds nothing.
         **options: fields of :class:`~lightning_cskl.core.CenterKernelConfig`.
 
     Example:
@@ -254,13 +295,22 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         head: str = "auto",
         record_batches: Optional[int] = None,
         statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto",
-        shrinkage: float = 1e-4,
+        shrinkage: Optional[float] = None,
+        carry: Optional[CarryKind] = None,
+        distill_weight: float = 0.0,
         **options: Any,
     ) -> None:
         super().__init__()
         self.learner = CenterKernelLearner(config, **options)
+        self.carry = validate_carry(carry)
+        self._drift = DriftCarry(carry) if carry is not None else None
+        self.distill_weight = validate_distill_weight(distill_weight)
+        self._distill_handle: Any = None
+        self._distill_features: list[torch.Tensor] = []
+        self._distill_old: Optional[torch.Tensor] = None
+        self.distill_loss: Optional[torch.Tensor] = None  # the last step's term, for loggers and tests
         self.statistics_head = statistics_head
-        rule = "lda" if statistics_head == "auto" else statistics_head
+        rule = DEFAULT_STATISTICS_RULE if statistics_head == "auto" else statistics_head
         self.statistics = StatisticsHead(rule, shrinkage) if rule is not None else None
         if prototype_replay not in ("auto", True, False):
             raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use 'auto', True or False")
@@ -328,6 +378,42 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         if self.replays_prototypes(model) and len(self.memory) and not self.learner.is_base_task:
             self._replay_head = find_head(model, self.head)
             self.memory.begin_task(self.learner.tasks_seen)
+        self._remove_distill_hook()
+        if self.distill_weight > 0 and not self.learner.is_base_task:
+            self._distill_handle = find_head(model, self.head).register_forward_pre_hook(
+                lambda module, args: self._distill_features.append(args[0]))
+
+    @override
+    def before_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        # the backbone before the update runs first: swapping the trained tensors in place after the training
+        # forward would change tensors its graph saved
+        self._distill_features.clear()
+        self._distill_old = None
+        if self._distill_handle is not None and self.learner.phase == TRAINING:
+            with torch.no_grad(), self.learner.task_start_weights() as swapped:
+                if swapped:
+                    strategy.forward()
+            if swapped and self._distill_features:
+                self._distill_old = self._distill_features[-1]
+            self._distill_features.clear()
+
+    @override
+    def before_backward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self.distill_loss = None
+        if self._distill_old is not None and self._distill_features:
+            # the training forward's head input (prototype replay calls the head only after this)
+            term = self.distill_weight * feature_distillation(self._distill_features[0], self._distill_old)
+            strategy.loss = strategy.loss + term
+            self.distill_loss = term.detach()
+        self._distill_features.clear()
+        self._distill_old = None
+        super().before_backward(strategy, *args, **kwargs)
+
+    def _remove_distill_hook(self) -> None:
+        if self._distill_handle is not None:
+            self._distill_handle.remove()
+            self._distill_handle = None
+        self._distill_features.clear()
 
     def _warn_if_scoring_fills(self, strategy: SupervisedTemplate) -> None:
         remaining = self.config.score_batches - self.learner.scored_batches
@@ -351,12 +437,18 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
     @override
     def after_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         self._remove_optimizer_hooks()
+        self._remove_distill_hook()
         self._replay_head = None
         model = strategy.model
         head = find_head(model, self.head) if self.records_features(model) else None
+        # the backbone before the update is known exactly (the trained tensors' start values): with a carry, each
+        # batch of the pass also runs under it, so that old and new features are paired sample by sample
+        pairs = self._drift is not None and head is not None and self.learner.phase == TRAINING
+        before = self._drift.timing(self.learner.task_start_weights) if pairs else None
         self._begin_feature_collection()
-        self.learner.end_task(lambda: record_pass(strategy, self.record_batches, head, self._collect_features))
-        self._end_feature_collection()
+        self.learner.end_task(
+            lambda: record_pass(strategy, self.record_batches, head, self._collect_features, before))
+        self._end_feature_collection(_experience_name(strategy.experience))
 
     def _remove_optimizer_hooks(self) -> None:
         if self._optimizer_handle is not None:
@@ -368,7 +460,7 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         """Tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
         state = {"learner": self.learner.state_dict(), "prototypes": self.memory.state_dict()}
         if self.statistics is not None:
-            state["statistics"] = self.statistics.state_dict()
+            state["statistics"] = self.statistics.state_dict()  # carried statistics included
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -408,7 +500,7 @@ class CSKLStrategy(SupervisedTemplate):
             eval_every, peval_mode: as for Avalanche's ``SupervisedTemplate``. ``plugins`` is copied, never
             changed; the CSKL plugin is put first in the copy and available as ``strategy.cskl``.
         config, prototype_replay, prototype_weight, temperature, head, record_batches, statistics_head,
-            shrinkage: see :class:`CSKLPlugin`.
+            shrinkage, carry, distill_weight: see :class:`CSKLPlugin`.
         **options: the other fields of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
             ``layers``, ...), which document them.
 
@@ -449,7 +541,9 @@ class CSKLStrategy(SupervisedTemplate):
         head: str = "auto",
         record_batches: Optional[int] = None,
         statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto",
-        shrinkage: float = 1e-4,
+        shrinkage: Optional[float] = None,
+        carry: Optional[CarryKind] = None,
+        distill_weight: float = 0.0,
         **options: Any,
     ) -> None:
         plugin = CSKLPlugin(
@@ -461,6 +555,8 @@ class CSKLStrategy(SupervisedTemplate):
             record_batches=record_batches,
             statistics_head=statistics_head,
             shrinkage=shrinkage,
+            carry=carry,
+            distill_weight=distill_weight,
             **options,
         )
         plugin.check_model(model)

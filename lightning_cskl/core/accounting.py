@@ -442,8 +442,10 @@ def measure_step(
 
     Args:
         model, optimizer, loss_fn, batch, learner: see :func:`make_train_step`; ``learner`` may also
-            provide ``projection_state_bytes()`` and ``trainable_parameters()`` (tensors it trains beside the
-            model's own parameters count as parameters).
+            provide ``projection_state_bytes()``, ``trainable_parameters()`` (tensors it trains beside the
+            model's own parameters count as parameters) and ``extra_forward_passes()`` (no-gradient forward
+            passes of the model that each step also runs, such as feature distillation's: their FLOPs are added
+            to ``flops`` and ``forward_flops``; the timing does not run them).
         warmup, repeats: see :func:`median_step_time`.
         time_steps: False skips timing (``step_time_s`` is None).
 
@@ -468,6 +470,11 @@ def measure_step(
     state = optimizer_state_bytes(optimizer)
     flops = training_flops(step)
     forward = training_flops(lambda: loss_fn(model(inputs), targets))
+    passes = int(learner.extra_forward_passes()) if hasattr(learner, "extra_forward_passes") else 0
+    if passes:  # e.g. the backbone before the update, for feature distillation: counted, not run by `step`
+        with torch.no_grad():
+            extra = passes * training_flops(lambda: model(inputs))
+        flops, forward = flops + extra, forward + extra
     seconds = median_step_time(step, warmup, repeats) if time_steps else None
     projection = int(learner.projection_state_bytes()) if hasattr(learner, "projection_state_bytes") else 0
     return StepCost(

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CenterBranch", "attached_branch", "center_index", "center_input", "center_slice", "is_eligible_conv",
-           "validate_gradient_filter"]
+__all__ = ["CenterBranch", "ELEMENTS", "attached_branch", "center_index", "center_input", "center_slice", "is_eligible_conv",
+           "validate_elements", "validate_gradient_filter"]
 
 _ConvNd = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -236,6 +236,18 @@ def validate_gradient_filter(value: Optional[int]) -> Optional[int]:
     return value
 
 
+#: which elements of a kernel train: the center tap (CsKO) or the whole kernel of the selected input channels
+ELEMENTS = ("center", "kernel")
+
+
+def validate_elements(value: str) -> str:
+    """Return ``value`` if it is one of :data:`ELEMENTS`, else raise a ValueError naming them."""
+    if value not in ELEMENTS:
+        raise ValueError(f"elements={value!r} is not allowed: use 'center' (CsKO: the center tap of each kernel) or "
+                         "'kernel' (the whole k×k kernel of the selected input channels)")
+    return value
+
+
 def attached_branch(conv: nn.Module) -> Optional["CenterBranch"]:
     """The :class:`CenterBranch` attached to ``conv``, or None."""
     return conv.__dict__.get(_ATTRIBUTE)
@@ -282,10 +294,14 @@ class CenterBranch:
             or a depthwise one, whose ``groups`` equal its input channels), or None for every channel.
         gradient_filter: None (exact backward) or a patch size ``r`` ≥ 2: the branch's backward uses gradient
             filtering and saves only the ``r``-cell sums of its input (about ``r^d``× less memory).
+        elements: ``"center"`` (CsKO): the branch holds the center taps and adds a 1×1 convolution;
+            ``"kernel"``: it holds the whole k×k kernels of the selected input channels and adds their convolution
+            (same stride, padding and dilation); the rest of the kernel stays frozen either way.
 
     Attributes:
         param: the trained centers: ``(out_channels, len(channels))`` (``groups == 1``), ``(len(channels) ·
-            out_channels / groups, 1)`` (depthwise), or the whole center ``(out_channels, in_channels // groups)``.
+            out_channels / groups, 1)`` (depthwise), or the whole center ``(out_channels, in_channels // groups)``;
+            with ``elements="kernel"`` the same shapes followed by the kernel size.
 
     Raises:
         TypeError: ``conv`` is not a Conv1d/2d/3d.
@@ -293,11 +309,16 @@ class CenterBranch:
             grouped convolution or is not a set of its input channels, or ``gradient_filter`` is invalid.
     """
 
-    def __init__(self, conv: nn.Module, channels: Optional[Tensor] = None, gradient_filter: Optional[int] = None) -> None:
+    def __init__(self, conv: nn.Module, channels: Optional[Tensor] = None, gradient_filter: Optional[int] = None,
+                 elements: str = "center") -> None:
         if not isinstance(conv, _CONV_TYPES) or isinstance(conv, nn.modules.conv._ConvTransposeNd):
             raise TypeError(f"a center branch needs an nn.Conv1d/Conv2d/Conv3d, got {type(conv).__name__}")
         center_index(conv.kernel_size)  # validates an odd kernel
         validate_gradient_filter(gradient_filter)
+        validate_elements(elements)
+        if elements == "kernel" and gradient_filter is not None:
+            raise ValueError(f"gradient_filter={gradient_filter!r} is not allowed with elements='kernel': gradient "
+                             "filtering is defined for the 1×1 center branch only; use gradient_filter=None")
         if attached_branch(conv) is not None:
             raise ValueError(f"{type(conv).__name__} already has a center branch: fold it first")
         if channels is not None:
@@ -316,6 +337,7 @@ class CenterBranch:
             per_group = conv.out_channels // conv.groups
             self.rows = (channels[:, None] * per_group + torch.arange(per_group, device=channels.device)).reshape(-1)
         self.gradient_filter = gradient_filter
+        self.elements = elements
         taps = self._taps(conv.weight)
         self.param = nn.Parameter(taps.read().clone())
         taps.zero()
@@ -339,8 +361,9 @@ class CenterBranch:
         RemovableHandle.next_id = max(RemovableHandle.next_id, max(key for _, key in self._hooks) + 1)
 
     def _taps(self, weight: Tensor) -> "_TapView":
-        """The trained center taps of a weight shaped like the convolution's."""
-        return _TapView(weight[center_slice(self.conv.kernel_size)], self.channels, self.rows)
+        """The trained taps of a weight shaped like the convolution's: the centers, or whole kernels."""
+        view = weight if self.elements == "kernel" else weight[center_slice(self.conv.kernel_size)]
+        return _TapView(view, self.channels, self.rows)
 
     def contribution(self, x: Tensor, output: Tensor) -> Tensor:
         """What the trained centers add to the convolution's ``output`` for input ``x``."""
@@ -352,6 +375,9 @@ class CenterBranch:
         unbatched = x.dim() == ndim + 1
         if unbatched:
             x, output = x.unsqueeze(0), output.unsqueeze(0)
+        if self.elements == "kernel":
+            out = self._kernel_contribution(x)
+            return out.squeeze(0) if unbatched else out
         x_center = center_input(conv, x, tuple(output.shape[-ndim:]))
         groups = conv.groups if self.rows is None else len(self.channels)  # depthwise: one group per selected channel
         if self.gradient_filter and torch.is_grad_enabled() and param.requires_grad:
@@ -363,11 +389,27 @@ class CenterBranch:
             out = _SelectedPointwise.apply(x_center, param, self.channels, groups, self.rows, conv.out_channels)
         return out.squeeze(0) if unbatched else out
 
+    def _kernel_contribution(self, x: Tensor) -> Tensor:
+        """The trained whole kernels of the selected input channels, convolved as the convolution does (only the
+        selected channels of the input are saved for the weight gradient)."""
+        conv, param = self.conv, self.param
+        ndim = len(conv.kernel_size)
+        padding: Any = conv.padding
+        if conv.padding_mode != "zeros":  # read the padded input exactly as the convolution does
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
+        selected = x if self.channels is None else x.index_select(1, self.channels)
+        groups = conv.groups if self.rows is None else len(self.channels)
+        out = _CONV_FN[ndim](selected, param, None, conv.stride, padding, conv.dilation, groups)
+        if self.rows is not None:
+            out = out.new_zeros((out.shape[0], conv.out_channels, *out.shape[2:])).index_copy(1, self.rows, out)
+        return out
+
     def full_center(self) -> Tensor:
         """The convolution's whole center ``(out_channels, in_channels // groups)`` as it computes now."""
-        center = self.conv.weight[center_slice(self.conv.kernel_size)].detach().clone()
-        _TapView(center, self.channels, self.rows).write(self.param.detach())
-        return center
+        weight = self.conv.weight.detach().clone()
+        self._taps(weight).write(self.param.detach())
+        return weight[center_slice(self.conv.kernel_size)].clone()
 
     def fold(self) -> nn.Module:
         """Write the trained centers back into the kernel, remove every hook; return the convolution."""

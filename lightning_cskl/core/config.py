@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
-from .center import validate_gradient_filter
+from .center import validate_elements, validate_gradient_filter
 from .projection import ProjectionCriterion
 from .selection import SelectionCriterion, validate_channel_ratio
 
@@ -63,6 +63,11 @@ class CenterKernelConfig:
             gradient filtering (output gradient averaged over r×r cells), which saves only the r×r sums of their
             inputs, about r²× less activation memory for the trained layers; the forward stays exact. 1×1
             convolutions trained in place and mask mode are not filtered.
+        elements: which elements of each selected input channel's kernel train: ``"center"`` (CsKO, the paper's
+            method: the center tap, a 1×1 branch) or ``"kernel"`` (the whole k×k kernel of the DCES-selected input
+            channels, in a k×k branch beside the convolution). Selection, masking, slicing and cost accounting are
+            the same; the projection acts on the input-channel axis of every tap (the center inputs' covariance
+            stands for every tap's), and ``gradient_filter`` is refused.
         freeze_batchnorm: keep every BatchNorm in eval mode with frozen statistics during incremental tasks.
         seed: seed of the ``"random"`` selection.
 
@@ -91,6 +96,7 @@ class CenterKernelConfig:
     first_task: Literal["full", "center"] = "full"
     train_also: Union[str, list[str], None] = "auto"
     gradient_filter: Optional[int] = None
+    elements: Literal["center", "kernel"] = "center"
     freeze_batchnorm: bool = True
     seed: int = 0
 
@@ -114,6 +120,12 @@ class CenterKernelConfig:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value!r} is not allowed: it must lie in [0, 1]")
         validate_gradient_filter(self.gradient_filter)
+        validate_elements(self.elements)
+        if self.elements == "kernel" and self.gradient_filter is not None:
+            raise ValueError(f"gradient_filter={self.gradient_filter!r} is not allowed with elements='kernel': use "
+                             "gradient_filter=None (filtering is defined for the 1×1 center branch only)")
+        if self.elements == "kernel" and self.mode != "decouple":
+            raise ValueError(f"elements='kernel' needs mode='decouple', got mode={self.mode!r}")
         if isinstance(self.layers, (list, tuple)):
             if not self.layers or not all(isinstance(n, str) for n in self.layers):
                 raise ValueError(f"layers={self.layers!r} is not allowed: a list must hold at least one module name")

@@ -68,6 +68,7 @@ class CovarianceCollector:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in layers}
         self.skipped: dict[str, int] = {}  # samples left out because their input was not finite
+        self.paused = False  # forward calls made while True are not collected
 
     def statistic(self, name: str, module: nn.Module, x: Tensor, output: Tensor) -> tuple[Tensor, int]:
         """``(sum of outer products, number of vectors)`` of one forward call; subclasses change what is summed."""
@@ -77,6 +78,8 @@ class CovarianceCollector:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self.paused:
+                return
             x = inputs[0]
             if x.dim() == len(getattr(module, "conv", module).kernel_size) + 1:  # unbatched input
                 x, output = x.unsqueeze(0), output.unsqueeze(0)

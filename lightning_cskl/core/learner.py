@@ -23,10 +23,11 @@ model's own ``state_dict``. The learner imports torch only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -37,7 +38,7 @@ from .batchnorm import FrozenBatchNorm
 from .center import CenterBranch, attached_branch, center_slice, is_eligible_conv
 from .config import CenterKernelConfig
 from .covariance import CovarianceCollector, all_reduce_sum_
-from .projection import layer_projector, project_update
+from .projection import layer_projector, project_taps, project_update
 from .selection import channel_scores, select_channels
 from .step import ConstrainedStep, StepHandle
 
@@ -260,6 +261,7 @@ class CenterKernelLearner:
         self.score_sums: dict[str, Tensor] = {}
         self.selected: dict[str, Tensor] = {}
         self.start_centers: dict[str, Tensor] = {}
+        self.start_values: dict[str, Tensor] = {}  # every trained tensor as the task's training began
         self.update_effect: dict[str, dict[str, float]] = {}
         self.skipped_steps = 0
         # derived, rebuilt on demand
@@ -268,6 +270,7 @@ class CenterKernelLearner:
         self.new_selection = False
         self._flags: dict[int, bool] = {}
         self._frozen_bn = FrozenBatchNorm()
+        self._collector: Optional[CovarianceCollector] = None  # the end-of-task pass's, while it runs
         self._grad_masks: dict[str, Tensor] = {}
         self._optimizers: list[weakref.ref] = []  # optimizers the branches' centers are added to
         # bound methods, not lambdas: a deep copy of the learner (a callback copied by the user) then projects
@@ -342,8 +345,9 @@ class CenterKernelLearner:
         return conv.weight[center_slice(conv.kernel_size)].detach().clone()
 
     def _center_view(self, name: str, tensor: Tensor) -> Tensor:
+        """The center taps of a trained tensor (itself for a center branch)."""
         layer = self.layers[name]
-        return tensor[center_slice(layer.kernel_size)] if layer.in_place else tensor
+        return tensor[center_slice(layer.kernel_size)] if tensor.dim() > 2 else tensor
 
     def _branch_params(self) -> list[nn.Parameter]:
         model = self._require_model()
@@ -352,8 +356,47 @@ class CenterKernelLearner:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that move in the current task (centers, plus ``train_also`` modules)."""
-        own = [p for p in self._require_model().parameters() if p.requires_grad]
-        return own + [p for p in self._branch_params() if p.requires_grad]
+        return list(self._named_trainable().values())
+
+    def _named_trainable(self) -> dict[str, nn.Parameter]:
+        """:meth:`trainable_parameters` by name (a branch's under ``"<layer>:branch"``)."""
+        model = self._require_model()
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        for name in self.layers:
+            branch = attached_branch(model.get_submodule(name))
+            if branch is not None and branch.param.requires_grad:
+                named[f"{name}:branch"] = branch.param
+        return named
+
+    @contextlib.contextmanager
+    def task_start_weights(self) -> Iterator[bool]:
+        """Within the block the model computes as it did when this task's training began (every trained tensor
+        holds its value from then; nothing else moved in the task), then it is put back. Yields whether anything
+        was swapped (False outside training, or before DCES has chosen the channels).
+
+        This is how the backbone before the update is known exactly, for a pass over the task's data under both
+        (drift-carried statistics, feature distillation), at the cost of a copy of the trained tensors.
+
+        Example:
+            >>> # with learner.task_start_weights(): old_features = model(x)
+        """
+        named = self._named_trainable() if self.model is not None and self.phase == TRAINING else {}
+        pairs = [(p, self.start_values[n]) for n, p in named.items() if n in self.start_values]
+        saved = [p.detach().clone() for p, _ in pairs]
+        collector, paused = self._collector, self._collector is not None and self._collector.paused
+        with torch.no_grad():
+            for p, start in pairs:
+                p.copy_(start)
+        if collector is not None:  # inside the end-of-task pass: the old backbone's inputs are not this task's
+            collector.paused = True
+        try:
+            yield bool(pairs)
+        finally:
+            if collector is not None:
+                collector.paused = paused
+            with torch.no_grad():
+                for (p, _), value in zip(pairs, saved):
+                    p.copy_(value)
 
     def _branch_channels(self, name: str) -> Optional[Tensor]:
         """The input channels layer ``name``'s branch holds in this phase (None: all)."""
@@ -378,6 +421,7 @@ class CenterKernelLearner:
                 same = (wanted and branch.param.device == conv.weight.device
                         and branch.param.dtype == conv.weight.dtype
                         and branch.gradient_filter == self.config.gradient_filter
+                        and branch.elements == self.config.elements
                         and (branch.channels is None) == (channels is None)
                         and (channels is None or torch.equal(branch.channels.cpu(), channels.cpu())))
                 if same:
@@ -385,7 +429,7 @@ class CenterKernelLearner:
                 self._release(branch.param)
                 branch.fold()
             if wanted:
-                branch = CenterBranch(conv, channels, self.config.gradient_filter)
+                branch = CenterBranch(conv, channels, self.config.gradient_filter, self.config.elements)
                 self._hold(branch.param, conv.weight)
 
     def _fold_branches(self, release: bool = True) -> None:
@@ -481,7 +525,9 @@ class CenterKernelLearner:
 
         Args:
             run_forward: runs the model over (a representative part of) the task's data; it is called once
-                in eval mode under ``torch.no_grad()`` while forward hooks collect center inputs.
+                in eval mode under ``torch.no_grad()`` while forward hooks collect center inputs. Forward calls it
+                makes inside :meth:`task_start_weights` (the backbone before the update, for a carried statistics
+                head) are not collected.
             fold: also unbind (the learner forgets the model; bind it again for the next task); the branches are
                 folded back either way.
 
@@ -505,7 +551,7 @@ class CenterKernelLearner:
             self.skipped_steps = 0
             self.score_sums, self.free_bases, self._grad_masks = {}, {}, {}
             self._step.clear()
-            self.start_centers = {}
+            self.start_centers, self.start_values = {}, {}
             if fold:
                 self.unbind()
             else:
@@ -521,10 +567,12 @@ class CenterKernelLearner:
         collector = CovarianceCollector({n: model.get_submodule(n) for n in self.layers})
         was_training = model.training
         model.eval()
+        self._collector = collector
         try:
             with collector.hooked(), torch.no_grad():
                 run_forward()
         finally:
+            self._collector = None
             model.train(was_training)
         if collector.skipped:
             log.warning("samples with non-finite center inputs were left out of the recorded covariances: %s",
@@ -568,6 +616,7 @@ class CenterKernelLearner:
         self.phase = TRAINING
         self._clear_state = True
         self.apply_trainability()  # the branches shrink to the selected channels
+        self.start_values = {n: p.detach().clone() for n, p in self._named_trainable().items()}
         self._build_free_bases()
         self.new_selection = True
 
@@ -700,7 +749,7 @@ class CenterKernelLearner:
                 if name not in self._grad_masks:  # a branch of the selected channels only: nothing to mask
                     continue
                 d, cg = grad.shape[:2]
-                grad.view(layer.groups, d // layer.groups, cg).mul_(self._grad_masks[name])
+                grad.view(layer.groups, d // layer.groups, cg, -1).mul_(self._grad_masks[name].unsqueeze(-1))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> StepHandle:
         """Add the branches' centers to ``optimizer`` and hook its ``step`` so that every update of a center is
@@ -749,6 +798,8 @@ class CenterKernelLearner:
         if name.startswith(_HELD):
             return before
         layer = self.layers[name]
+        if not layer.in_place and before.dim() > 2:  # whole kernels: every tap's channel axis is projected
+            return before + project_taps(after - before, self.free_bases[name])
         center_before = self._center_view(name, before)
         step = project_update(self._center_view(name, after) - center_before, self.free_bases[name])
         if not (layer.in_place and any(k > 1 for k in layer.kernel_size)):
@@ -769,6 +820,7 @@ class CenterKernelLearner:
             "score_sums": {n: t.detach().cpu() for n, t in self.score_sums.items()},
             "selected": {n: t.detach().cpu() for n, t in self.selected.items()},
             "start_centers": {n: t.detach().cpu() for n, t in self.start_centers.items()},
+            "start_values": {n: t.detach().cpu() for n, t in self.start_values.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -787,6 +839,7 @@ class CenterKernelLearner:
         self.score_sums = dict(state["score_sums"])
         self.selected = dict(state["selected"])
         self.start_centers = dict(state.get("start_centers", {}))
+        self.start_values = dict(state.get("start_values", {}))
         self.free_bases = {}
         if self.model is not None and self.layers:
             device = next(iter(self.model.parameters())).device
@@ -812,11 +865,13 @@ class CenterKernelLearner:
         what the task taught it, and stays bound."""
         self.suspend()
         self.phase = IDLE
-        self.score_sums, self.free_bases, self.start_centers = {}, {}, {}
+        self.score_sums, self.free_bases, self.start_centers, self.start_values = {}, {}, {}, {}
 
     def projection_state_bytes(self) -> int:
-        """Bytes kept for the projection: covariances, free_bases and channel masks."""
-        tensors = [*self.covariances.values(), *self.free_bases.values(), *self.selected.values()]
+        """Bytes kept to protect old tasks: covariances, free_bases, channel masks and the trained tensors' values at
+        the task's start (:meth:`task_start_weights`)."""
+        tensors = [*self.covariances.values(), *self.free_bases.values(), *self.selected.values(),
+                   *self.start_values.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _require_model(self) -> nn.Module:

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ProjectionCriterion", "direction_scales", "free_basis", "free_mask", "layer_projector", "project_update",
+    "ProjectionCriterion", "direction_scales", "free_basis", "free_mask", "layer_projector", "project_taps",
+    "project_update",
     "NULL_SPACE_MAX_SHARE", "NULL_SPACE_RTOL",
 ]
 
@@ -212,3 +213,12 @@ def project_update(update: Tensor, basis: Tensor) -> Tensor:
     grouped = update.reshape(groups, d // groups, cg)
     basis = basis.to(update.dtype)
     return torch.bmm(torch.bmm(grouped, basis), basis.transpose(1, 2)).reshape(d, cg)
+
+
+def project_taps(update: Tensor, basis: Tensor) -> Tensor:
+    """Project the input-channel axis of every tap of a kernel update ``(D, C/g, *k)`` onto per-group free bases
+    ``(groups, C/g, r)`` (:func:`project_update` applied tap by tap)."""
+    d, cg = update.shape[:2]
+    taps = update.movedim(1, -1).reshape(d, -1, cg)  # (D, taps, C/g): rows of one group stay contiguous
+    projected = project_update(taps.reshape(-1, cg), basis).reshape(taps.shape)
+    return projected.movedim(-1, 1).reshape(update.shape)

@@ -87,6 +87,11 @@ class PrototypeMemory:
         self.classes = torch.tensor(order, dtype=torch.long)
         self.prototypes = torch.stack([stored[c] for c in order])
 
+    def carry(self, drift: Any) -> None:
+        """Move the stored prototypes across a backbone update (a :class:`~lightning_cskl.core.drift.DriftMap`)."""
+        if len(self):
+            self.prototypes = drift.apply_means(self.prototypes).to(torch.float32)
+
     # ------------------------------------------------------------------ replay while a task trains
     def begin_task(self, task_index: int) -> None:
         self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * int(task_index))

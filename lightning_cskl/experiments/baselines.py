@@ -53,8 +53,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from avalanche.core import BasePlugin
+from avalanche.models.fecam import FeCAMClassifier, compute_covariance, compute_means
 from avalanche.models.utils import is_multi_task_module
-from avalanche.training import Naive
+from avalanche.training import Cumulative, Naive
 from avalanche.training.plugins import EWCPlugin, LwFPlugin
 from avalanche.training.plugins.evaluation import EvaluationPlugin, default_evaluator
 from avalanche.training.templates import SupervisedTemplate
@@ -66,14 +67,16 @@ from .full_kernel import (
     FullKernelCovariance, full_kernel_projector, project_kernel_update, protected_basis,
 )
 from ..core.batchnorm import FrozenBatchNorm
-from ..core.head import StatisticsHead, StatisticsRule
+from ..core.head import UNSEEN_CLASS_SCORE, StatisticsHead, StatisticsRule
 from ..core.projection import ProjectionCriterion
 from ..core.prototypes import PrototypeMemory
 from ..core.selection import channel_scores, select_channels, validate_channel_ratio
 from ..core.step import ConstrainedStep
-from ..avalanche.strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, record_pass
+from ..avalanche.strategy import CSKLStrategy, PrototypeReplayHooks, find_classifier, find_head, record_pass
+from .statistics import RemeasurePlugin, head_features
 
 __all__ = [
+    "AvalancheFeCAMPlugin",
     "BiasOnlyPlugin",
     "FROZEN_METHODS",
     "FrozenBackbonePlugin",
@@ -115,10 +118,10 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         prototype_weight, temperature: of the prototype replay.
         record_batches: batches of each experience used at its end for prototypes and representations
             (None: all).
-        statistics_head: ``"lda"`` or ``"ncm"``: evaluate with class statistics of the head's input features
+        statistics_head: ``"lda"``, ``"ncm"`` or ``"qda"``: evaluate with class statistics of the head's input features
             (:class:`~lightning_cskl.core.head.StatisticsHead`) instead of the trained head; None: the trained
             head.
-        shrinkage: ε of the ``"lda"`` statistics head.
+        shrinkage: ε of the ``"lda"`` statistics head, α of the ``"qda"`` one (None: 1e-4 and 0.5).
     """
 
     def __init__(
@@ -130,7 +133,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
         temperature: float = 0.1,
         record_batches: Optional[int] = None,
         statistics_head: Optional[StatisticsRule] = None,
-        shrinkage: float = 1e-4,
+        shrinkage: Optional[float] = None,
     ) -> None:
         super().__init__()
         if not isinstance(head, str):
@@ -299,6 +302,53 @@ class FrozenBackbonePlugin(IncrementalFreezePlugin):
         super().before_training_epoch(strategy, *args, **kwargs)
         if not self.is_base:
             strategy.stop_training()  # Avalanche ends the experience's epoch loop before the first epoch
+
+
+class AvalancheFeCAMPlugin(FrozenBackbonePlugin):
+    """The frozen base with Avalanche's :class:`~avalanche.models.fecam.FeCAMClassifier` as it ships (per-class
+    covariances of Tukey-transformed features, shrinkage, covariance normalization): updated with every
+    experience's training features and answering in place of the trained head during evaluation (the ``fecam``
+    baseline). Our own head with per-class covariances is ``StatisticsHead("qda")`` (``slda_qda``)."""
+
+    def __init__(self, head: str = "auto", **options: Any) -> None:
+        IncrementalFreezePlugin.__init__(self, head, **options)
+        self.classifier = FeCAMClassifier()
+        self._answer: Any = None
+
+    @override
+    def end_experience(self, strategy: SupervisedTemplate) -> None:
+        head = find_head(strategy.model, self.head)
+        features, labels = head_features(strategy, head, strategy.experience.dataset)
+        features = self.classifier.apply_transforms(features.clamp_min(0))
+        self.classifier.update_class_means_dict(compute_means(features, labels))
+        self.classifier.update_class_cov_dict(self.classifier.apply_cov_transforms(compute_covariance(features, labels)))
+
+    @override
+    def before_eval_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._remove_answer()
+        if not self.classifier.class_means_dict:
+            return
+        classifier = self.classifier
+
+        def answer(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+            if module.training:
+                return None
+            scores = classifier(inputs[0].flatten(1).detach().cpu().clamp_min(0))
+            out = torch.full_like(output, UNSEEN_CLASS_SCORE)
+            width = min(out.shape[1], scores.shape[1])
+            out[:, :width] = torch.nan_to_num(scores[:, :width], neginf=UNSEEN_CLASS_SCORE).to(out.device, out.dtype)
+            return out
+
+        self._answer = find_head(strategy.model, self.head).register_forward_hook(answer)
+
+    @override
+    def after_eval_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._remove_answer()
+
+    def _remove_answer(self) -> None:
+        if self._answer is not None:
+            self._answer.remove()
+            self._answer = None
 
 
 class BiasOnlyPlugin(IncrementalFreezePlugin):
@@ -503,7 +553,10 @@ def _plugin_method(make_plugin: Callable[..., BasePlugin]) -> Callable[..., Supe
 def _cskl_method(**defaults: Any) -> Callable[..., SupervisedTemplate]:
     def factory(**kwargs: Any) -> SupervisedTemplate:
         common, options = _split(kwargs)
-        strategy = CSKLStrategy(**common, **{**defaults, **options})
+        options = {**defaults, **options}
+        if options.pop("remeasure", False):  # the ceiling: statistics re-measured on all data (needs old data)
+            common["plugins"] = [*common["plugins"], RemeasurePlugin()]
+        strategy = CSKLStrategy(**common, **options)
         strategy.baseline = strategy.cskl
         return strategy
 
@@ -513,6 +566,18 @@ def _cskl_method(**defaults: Any) -> Callable[..., SupervisedTemplate]:
 
 _COMMON = ("model", "optimizer", "criterion", "train_mb_size", "train_epochs", "eval_mb_size", "device",
            "plugins", "evaluator", "eval_every")
+
+
+def _joint_lda(**kwargs: Any) -> SupervisedTemplate:
+    """The ceiling: every experience trains all parameters on the data of every experience so far (Avalanche's
+    ``Cumulative``), then an LDA head is measured on all of it."""
+    common, options = _split(kwargs)
+    plugin = FullFinetunePlugin(**{"statistics_head": "lda", **options})
+    plugin.check_model(common["model"])
+    common["plugins"] = [*common["plugins"], plugin, RemeasurePlugin()]
+    strategy = Cumulative(**common)
+    strategy.baseline = plugin
+    return strategy
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -551,6 +616,10 @@ METHODS: dict[str, Callable[..., SupervisedTemplate]] = {
     "csko_dces": _cskl_method(statistics_head=None),
     "csko_dces_filter": _cskl_method(gradient_filter=2, statistics_head=None),
     "csko_dces_lda": _cskl_method(statistics_head="lda"),
+    "fecam": _plugin_method(AvalancheFeCAMPlugin),
+    "slda_qda": _plugin_method(lambda **o: FrozenBackbonePlugin(**{"statistics_head": "qda", **o})),
+    "joint_lda": _joint_lda,
+    "cskl": _cskl_method(),  # exactly what `cskl run` runs with its defaults (CSKLStrategy's own)
 }
 
 
@@ -574,10 +643,11 @@ def method_base(name: str) -> str:
 
 
 #: methods that train nothing after the base session (no backward pass, no epochs)
-FROZEN_METHODS = frozenset({"slda", "ncm"})
+FROZEN_METHODS = frozenset({"slda", "ncm", "fecam", "slda_qda"})
 
 #: methods whose classifier is a statistics head: single-head (class- and domain-incremental) models only
-SINGLE_HEAD_METHODS = frozenset({"slda", "ncm", "full_finetune_lda", "csko_dces_lda"})
+SINGLE_HEAD_METHODS = frozenset({"slda", "ncm", "fecam", "slda_qda", "full_finetune_lda", "csko_dces_lda",
+                                 "joint_lda"})
 
 
 def build_method(

@@ -58,14 +58,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ACCURACY_COLUMNS = ("acc", "aia", "forgetting", "bwt", "base_acc", "adaptation_gain", "epochs")
+ACCURACY_COLUMNS = ("acc", "aia", "forgetting", "bwt", "base_acc", "adaptation_gain", "frozen_gain", "epochs")
 #: the cheapest trained baseline: what a backbone update adds is measured against it (PROTOCOL.md)
 GAIN_REFERENCE = "head_replay"
 SCENARIOS = ("class", "task", "domain")
 COST_COLUMNS = (
     "trainable_parameters", "flops", "forward_flops", "backward_flops", "saved_activation_bytes", "gradient_bytes",
     "optimizer_state_bytes", "projection_state_bytes", "training_memory_bytes", "step_time_s", "step_time_ratio",
+    "carry_seconds",
 )
+#: per statistics rule, the frozen-base method with that head: what a backbone update adds to a statistics head
+#: is measured against it (``frozen_gain``)
+FROZEN_REFERENCE = {"lda": "slda", "ncm": "ncm", "qda": "slda_qda"}
 
 
 def default_benchmark(scenario: str, seed: int) -> Any:
@@ -113,6 +117,10 @@ class _StepHooks:
     def trainable_parameters(self) -> list[Any]:
         """What trains beside the model's own parameters (CsKO's center branches), for measure_step's counts."""
         return self.learner.trainable_parameters() if self.learner is not None else []
+
+    def extra_forward_passes(self) -> int:
+        """No-gradient forward passes a step runs besides its own (CsKO's feature distillation: one)."""
+        return 1 if getattr(self.plugin, "distill_weight", 0) > 0 else 0
 
     def projection_state_bytes(self) -> int:
         if self.learner is not None:
@@ -222,15 +230,15 @@ class BenchTable:
 
     def markdown(self) -> str:
         """The summary as a Markdown table; accuracies in points, memory in KiB, FLOPs in MFLOP, mean ± std."""
-        header = ["method", "scenario", "seeds", "ACC", "adaptation gain", "AIA", "forgetting", "BWT", "base ACC",
-                  "epochs", "trainable params",
+        header = ["method", "scenario", "seeds", "ACC", "adaptation gain", "gain over frozen head", "AIA", "forgetting",
+                  "BWT", "base ACC", "epochs", "trainable params",
                   "train memory KiB", "grad KiB", "opt state KiB", "activations KiB", "projection KiB",
-                  "MFLOP/step", "backward MFLOP/step", "step time ×full"]
-        columns = [("acc", 100), ("adaptation_gain", 100), ("aia", 100), ("forgetting", 100), ("bwt", 100),
+                  "MFLOP/step", "backward MFLOP/step", "step time ×full", "task-end carry s"]
+        columns = [("acc", 100), ("adaptation_gain", 100), ("frozen_gain", 100), ("aia", 100), ("forgetting", 100), ("bwt", 100),
                    ("base_acc", 100), ("epochs", 1), ("trainable_parameters", 1), ("training_memory_bytes", 1 / 1024), ("gradient_bytes", 1 / 1024),
                    ("optimizer_state_bytes", 1 / 1024), ("saved_activation_bytes", 1 / 1024),
                    ("projection_state_bytes", 1 / 1024), ("flops", 1e-6), ("backward_flops", 1e-6),
-                   ("step_time_ratio", 1)]
+                   ("step_time_ratio", 1), ("carry_seconds", 1)]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.summary():
             cells = [row["method"], row["scenario"], str(row["seeds"])]
@@ -241,7 +249,7 @@ class BenchTable:
                 elif column in ("trainable_parameters", "epochs"):
                     cells.append(f"{mean:,.0f}")
                 else:
-                    digits = 2 if column == "step_time_ratio" else 1
+                    digits = 2 if column in ("step_time_ratio", "carry_seconds") else 1
                     cells.append(f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
@@ -488,7 +496,8 @@ def run_bench(
                         )
                         row = {"method": method, "scenario": scenario, "seed": seed, **result.summary,
                                "base_acc": result.accuracy[0][0], "accuracy": result.accuracy,
-                               "epochs": method_epochs, "update_effect": effects.effects}
+                               "epochs": method_epochs, "update_effect": effects.effects,
+                               "statistics_rule": effects.rule, "carry_seconds": effects.carry_seconds}
                         if probe.cost is not None:
                             row.update({k: v for k, v in probe.cost.as_dict().items() if k in COST_COLUMNS})
                         if record is not None:
@@ -518,17 +527,26 @@ def _finished_run(record: Optional[Path], settings: dict[str, Any]) -> Optional[
 
 
 class _EffectRecorder(SupervisedPlugin):
-    """Keeps, after every experience, the CsKO learner's per-layer update effect on new and old inputs."""
+    """Keeps, after every experience, the CsKO learner's per-layer update effect on new and old inputs, and what
+    the method's statistics head is (its rule; the time its carries took)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.effects: list[dict[str, dict[str, float]]] = []
+        self.rule: Optional[str] = None
+        self.carry_seconds: Optional[float] = None
 
     def after_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         # after every plugin's after_training_exp, the method's end-of-experience work included
-        learner = getattr(getattr(strategy, "baseline", None), "learner", None)
+        plugin = getattr(strategy, "baseline", None)
+        learner = getattr(plugin, "learner", None)
         if learner is not None and learner.update_effect:
             self.effects.append({n: dict(e) for n, e in learner.update_effect.items()})
+        statistics = getattr(plugin, "statistics", None)
+        self.rule = statistics.rule if statistics is not None else None
+        drift = getattr(plugin, "_drift", None)
+        if drift is not None:
+            self.carry_seconds = drift.seconds
 
 
 def _relate(group: list[dict[str, Any]]) -> None:
@@ -536,10 +554,13 @@ def _relate(group: list[dict[str, Any]]) -> None:
     not share the base model."""
     full = next((r for r in group if r["method"] == "full_finetune"), None)
     reference = next((r for r in group if r["method"] == GAIN_REFERENCE), None)
+    frozen = {rule: next((r for r in group if r["method"] == name), None) for rule, name in FROZEN_REFERENCE.items()}
     for row in group:
         full_time = full.get("step_time_s") if full else None
         row["step_time_ratio"] = row["step_time_s"] / full_time if row.get("step_time_s") and full_time else None
         row["adaptation_gain"] = row["acc"] - reference["acc"] if reference is not None else None
+        same_head = frozen.get(row.get("statistics_rule"))
+        row["frozen_gain"] = row["acc"] - same_head["acc"] if same_head is not None else None
     # a statistics head scores the same base model differently: compare trained heads only
     base = {round(r["base_acc"], 6) for r in group if r["method"] not in SINGLE_HEAD_METHODS}
     if len(base) > 1:

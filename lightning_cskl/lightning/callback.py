@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as L
 import torch
@@ -14,8 +14,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
-from ..core.head import ClassMoments, StatisticsHead, StatisticsRule
-from ..core.learner import IDLE, SCORING
+from ..core.drift import CarryKind, DriftCarry, feature_distillation, validate_carry, validate_distill_weight
+from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead, StatisticsRule
+from ..core.learner import IDLE, SCORING, TRAINING
 from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
@@ -101,15 +102,17 @@ class CenterKernelCallback(Callback):
         forward_fn: ``(module, batch) -> output`` used for the covariance pass at the end of a task;
             the default calls the module on the batch's first element.
         log_stats: log per layer the selected channels and free-subspace dimension through the loggers.
-        statistics_head: ``"lda"`` or ``"ncm"``: at the end of every task the head's input features of the
+        statistics_head: ``"lda"``, ``"ncm"`` or ``"qda"``: at the end of every task the head's input features of the
             task's training data update class statistics (:class:`~lightning_cskl.core.head.StatisticsHead`),
             and in eval mode (validation, test, predict, or ``model.eval()`` and a plain call, also after the
             fit) the head answers with their scores instead of its trained output (a forward hook attached at
-            ``setup``; :meth:`detach_statistics` removes it); None (default): the trained head.
+            ``setup``; :meth:`detach_statistics` removes it); None: the trained head; ``"auto"`` (default):
+            ``"qda"`` when the module has exactly one ``nn.Linear`` (one classifier head, class- or
+            domain-incremental), else None (several heads, task-incremental, or an MLP head: give ``head=``).
         head: qualified name of the classifier head in the LightningModule (``"auto"``: its last
             ``nn.Linear``); used by the statistics head.
         target_fn: ``batch -> labels`` for the statistics head (default: :func:`default_batch_target`).
-        shrinkage: ε of the ``"lda"`` statistics head.
+        shrinkage: ε of the ``"lda"`` statistics head, α of the ``"qda"`` one (None: 1e-4 and 0.5).
         record_batches: batches of the training loader read at the end of a task for the covariance and the
             statistics (None: as many as the Trainer's ``limit_train_batches`` allows; a loader without a
             length, such as an infinite ``IterableDataset``, then needs ``record_batches``).
@@ -119,6 +122,15 @@ class CenterKernelCallback(Callback):
             as many prototypes as the batch has samples). The task's own term stays the module's loss (the
             Avalanche door also divides its logits by τ, which a callback cannot do to a user's loss).
         prototype_weight, temperature: of the prototype replay (10 and τ = 0.1, the research code's).
+        carry: carry the stored class statistics (and prototypes) across each task's update, as
+            :class:`~lightning_cskl.avalanche.CSKLPlugin` does: the end-of-task pass runs each batch once more
+            through the backbone as it was before the task, a map from old to new head-input features is fitted on
+            those pairs (``"affine"``, ``"shift"`` or ``"sdc"``; :mod:`lightning_cskl.core.drift`), and the stored
+            statistics move through it before the task's own are merged. None: they stay as measured.
+        distill_weight: weight of a feature-distillation term on the task's own batches, added to the loss the
+            module's ``training_step`` returns: ``weight · mean_n ‖f(x_n) − f₀(x_n)‖²`` on the head's input,
+            ``f₀`` the backbone before the task (one extra forward without gradient per step, through
+            ``forward_fn``); 0 (default): off.
 
     Example:
         >>> cb = CenterKernelCallback(channel_ratio=0.75)
@@ -132,17 +144,23 @@ class CenterKernelCallback(Callback):
         *,
         forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
         log_stats: bool = True,
-        statistics_head: Optional[StatisticsRule] = None,
+        statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto",
         head: str = "auto",
         target_fn: Optional[Callable[[Any], Tensor]] = None,
-        shrinkage: float = 1e-4,
+        shrinkage: Optional[float] = None,
         record_batches: Optional[int] = None,
         prototype_replay: bool = False,
         prototype_weight: float = 10.0,
         temperature: float = 0.1,
+        carry: Optional[CarryKind] = None,
+        distill_weight: float = 0.0,
         **options: Any,
     ) -> None:
         self.learner = CenterKernelLearner(config, **options)
+        self.carry = validate_carry(carry)
+        self._drift = DriftCarry(carry) if carry is not None else None
+        self.distill_weight = validate_distill_weight(distill_weight)
+        self.distill_loss: Optional[Tensor] = None  # the last step's term
         if not isinstance(prototype_replay, bool):
             raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use True or False")
         self.prototype_replay = prototype_replay
@@ -156,7 +174,9 @@ class CenterKernelCallback(Callback):
         self._aborted = False
         self.forward_fn = forward_fn or _default_forward
         self.log_stats = log_stats
-        self.statistics = StatisticsHead(statistics_head, shrinkage) if statistics_head is not None else None
+        self.statistics_head = statistics_head  # as asked; "auto" is resolved per module at setup
+        rule = DEFAULT_STATISTICS_RULE if statistics_head == "auto" else statistics_head
+        self.statistics = StatisticsHead(rule, shrinkage) if rule is not None else None
         if not isinstance(head, str):
             raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
         self.head = head
@@ -182,6 +202,14 @@ class CenterKernelCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.statistics_head == "auto" and self.head == "auto" and self.statistics is not None and not len(
+                self.statistics):
+            linears = [n for n, m in pl_module.named_modules() if isinstance(m, torch.nn.Linear)]
+            if len(linears) != 1:  # several heads (task-incremental) or an MLP head: the trained head answers
+                rank_zero_info(f"CenterKernelCallback: statistics_head='auto' found {len(linears)} nn.Linear modules, "
+                               "not one classifier head: the trained head answers (give statistics_head= and head= "
+                               "to use class statistics)")
+                self.statistics = None
         if self.statistics is not None:
             head = self.head_module(pl_module)
             if self._statistics_head is not head:  # attached once per head; it stays after fit (see the docs)
@@ -240,7 +268,12 @@ class CenterKernelCallback(Callback):
         features: list[Tensor] = []
         capture = None
         moments = ClassMoments()  # summed over DDP ranks after the pass: each rank reads its own shard
+        statistics_moments = self.statistics.moments() if self.statistics is not None else None
         records = self.statistics is not None or self.prototype_replay
+        # with a carry, each batch also runs under the backbone before the task: old and new features, paired
+        pairs = self._drift is not None and records and self.learner.phase == TRAINING
+        if self._drift is not None:
+            self._drift.reset()
         limit = self._record_limit(trainer)  # before any hook is registered: it may refuse an endless loader
         if records:
             capture = self.head_module(pl_module).register_forward_pre_hook(
@@ -254,8 +287,17 @@ class CenterKernelCallback(Callback):
                 batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, device))
                 features.clear()
                 self.forward_fn(pl_module, batch)
-                if records and features:
-                    moments.add(features[-1], self.target_fn(batch))
+                if not (records and features):
+                    continue
+                new, target = features[-1], self.target_fn(batch)
+                moments.add(new, target)
+                if statistics_moments is not None:
+                    statistics_moments.add(new, target)
+                if pairs:
+                    features.clear()
+                    with self._drift.timed(), self.learner.task_start_weights():
+                        self.forward_fn(pl_module, batch)
+                    self._drift.add(features[-1], new, target)
 
         try:
             self.learner.end_task(run_forward)
@@ -267,8 +309,11 @@ class CenterKernelCallback(Callback):
             size = moments.sums.shape[1] if moments.sums is not None else getattr(self.head_module(pl_module),
                                                                                   "in_features", 0)
             moments = moments.all_reduce_(size)
+            if pairs:
+                targets = [t for t in (self.statistics, self.memory if self.prototype_replay else None) if t is not None]
+                self._drift.apply(targets, task=f"task {self.learner.tasks_seen}")
             if self.statistics is not None:
-                self.statistics.add_moments(moments)
+                self.statistics.add_moments(statistics_moments.all_reduce_(size))
             if self.prototype_replay:
                 self.memory.add_moments(moments)
         rank_zero_info(f"CenterKernelCallback: task {self.learner.tasks_seen} done, branches folded back")
@@ -332,23 +377,54 @@ class CenterKernelCallback(Callback):
         return self.memory.loss(self.head_module(pl_module), batch_size)
 
     def _start_replay(self, pl_module: L.LightningModule) -> None:
-        """Add the prototype term to the module's training loss for this task (an instance attribute over its
-        ``training_step``, removed when the task ends or fails)."""
-        if not (self.prototype_replay and len(self.memory)) or self.learner.is_base_task or self._replay_module:
+        """Add the prototype term and the distillation term to the module's training loss for this task (an
+        instance attribute over its ``training_step``, removed when the task ends or fails)."""
+        if self.learner.is_base_task or self._replay_module:
             return
-        self.memory.begin_task(self.learner.tasks_seen)
+        replay = bool(self.prototype_replay and len(self.memory))
+        distill = self.distill_weight > 0
+        if not (replay or distill):
+            return
+        if replay:
+            self.memory.begin_task(self.learner.tasks_seen)
         step = pl_module.training_step
+        head = self.head_module(pl_module)
 
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            output = step(batch, *args, **kwargs)
+            old = self._old_features(pl_module, head, batch) if distill else None
+            captured: list[Tensor] = []
+            capture = head.register_forward_pre_hook(lambda module, a: captured.append(a[0])) if old is not None else None
+            try:
+                output = step(batch, *args, **kwargs)
+            finally:
+                if capture is not None:
+                    capture.remove()
             loss = output["loss"] if isinstance(output, Mapping) else output
             if not isinstance(loss, Tensor):  # the step skipped the batch (None)
                 return output
-            loss = loss + self.replay_loss(pl_module, len(self.target_fn(batch)))
+            self.distill_loss = None
+            if old is not None and captured:
+                term = self.distill_weight * feature_distillation(captured[0], old)
+                loss = loss + term
+                self.distill_loss = term.detach()
+            if replay:
+                loss = loss + self.replay_loss(pl_module, len(self.target_fn(batch)))
             return {**output, "loss": loss} if isinstance(output, Mapping) else loss
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
         self._replay_module = pl_module
+
+    def _old_features(self, pl_module: torch.nn.Module, head: torch.nn.Module, batch: Any) -> Optional[Tensor]:
+        """The head's input for ``batch`` under the backbone before the task (None before DCES has chosen)."""
+        features: list[Tensor] = []
+        handle = head.register_forward_pre_hook(lambda module, args: features.append(args[0]))
+        try:
+            with torch.no_grad(), self.learner.task_start_weights() as swapped:
+                if swapped:
+                    self.forward_fn(pl_module, batch)
+        finally:
+            handle.remove()
+        return features[-1] if features else None
 
     def _stop_replay(self) -> None:
         if self._replay_module is not None:
