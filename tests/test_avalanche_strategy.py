@@ -487,3 +487,47 @@ def test_the_registry_name_cskl_runs_what_cskl_run_runs():
     for name in ("prototype_replay", "record_batches", "statistics_head", "carry", "distill_weight"):
         assert getattr(plugin, name) == getattr(defaults, name), name
     assert plugin.statistics.rule == "qda"
+
+
+def test_an_optimizer_parameter_outside_the_model_is_kept_as_naive_keeps_it():
+    bench = split_digits_benchmark("class")
+    kept = {}
+    for method in ("naive", "cskl"):
+        torch.manual_seed(0)
+        model = ClassIncrementalNet(SmallCNN(10, width=8).features, 16, initial_classes=2)
+        extra = nn.Parameter(torch.ones(()))  # a learnable loss temperature, say
+        optimizer = torch.optim.SGD([*model.parameters(), extra], lr=0.05)
+        common = dict(model=model, optimizer=optimizer, train_mb_size=64, train_epochs=1, evaluator=None)
+        strategy = Naive(**common) if method == "naive" else CSKLStrategy(**common, score_batches=1)
+        kept[method] = []
+        for experience in list(bench.train_stream)[:2]:
+            strategy.train(experience)
+            kept[method].append(any(p is extra for g in strategy.optimizer.param_groups for p in g["params"]))
+    assert kept["naive"] == [True, True]
+    assert kept["cskl"] == kept["naive"]
+
+
+def test_a_diverging_experience_is_undone_and_the_next_one_trains(caplog):
+    bench = split_digits_benchmark("class")
+    torch.manual_seed(0)
+    model = ClassIncrementalNet(SmallCNN(10, width=8).features, 16, initial_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    strategy = CSKLStrategy(model=model, optimizer=optimizer, train_mb_size=32, train_epochs=2, evaluator=None,
+                            score_batches=2, layers="all")
+    experiences = list(bench.train_stream)
+    strategy.train(experiences[0])
+    for group in optimizer.param_groups:
+        group["lr"] = 1e6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        strategy.train(experiences[1])
+    assert "this task's training diverged" in caplog.text and "saw no input" not in caplog.text
+    learner = strategy.cskl.learner
+    assert learner.diverged_tasks == 1 and learner.tasks_seen == 2
+    after = model.state_dict()
+    for key, value in before.items():  # every weight the base session had is as before the experience
+        assert torch.equal(after[key][: len(value)] if after[key].shape != value.shape else after[key], value), key
+    for group in optimizer.param_groups:
+        group["lr"] = 0.05
+    strategy.train(experiences[2])
+    assert learner.tasks_seen == 3 and all(torch.isfinite(p).all() for p in model.parameters())

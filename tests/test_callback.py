@@ -407,7 +407,7 @@ def test_prototype_replay_from_the_lightning_door_keeps_old_classes(digit_tasks)
     accuracies = {}
     for replay in (False, True):
         model = make_model(scenario="class", optimizer="adam", lr=1e-2)
-        cb = CenterKernelCallback(score_batches=2, prototype_replay=replay, head="heads.0",
+        cb = CenterKernelCallback(score_batches=2, prototype_replay=replay, head="heads.0", statistics_head=None,
                                   target_fn=lambda batch: batch[1])
         for t in range(3):
             fit_task(model, cb, digit_tasks[t], t, epochs=3)
@@ -459,3 +459,25 @@ def test_carried_statistics_follow_an_update_that_moves_the_features(digit_tasks
     assert cb.distill_loss is not None and float(cb.distill_loss) > 0
     error = {k: float((m - r).norm() / r.norm()) for k, (m, r) in means.items()}
     assert error["affine"] < 0.5 * error[None], error
+
+
+def test_a_diverging_task_is_undone_with_a_truthful_warning_and_the_next_task_runs(digit_tasks, caplog):
+    model = make_model(scenario="class", optimizer="sgd", lr=0.3)
+    cb = CenterKernelCallback(score_batches=2, layers="all")
+    fit_task(model, cb, digit_tasks[0], 0, epochs=1)
+    before = _plain_state(model)
+    model.lr = 1e6  # the second task's training diverges
+    with caplog.at_level("WARNING"):
+        fit_task(model, cb, digit_tasks[1], 1, epochs=2)
+    assert "this task's training diverged" in caplog.text and "lower learning rate" in caplog.text
+    assert "saw no input" not in caplog.text
+    assert cb.learner.diverged_tasks == 1 and cb.learner.tasks_seen == 2
+    after = _plain_state(model)
+    for key in before:  # the model before the task, kept (the head grew nothing: one class-IL head)
+        assert torch.equal(before[key], after[key]), key
+    assert all(torch.isfinite(c).all() for c in cb.learner.covariances.values())
+    model.lr = 0.05  # the next task trains normally
+    fit_task(model, cb, digit_tasks[2], 2, epochs=2)
+    assert cb.learner.tasks_seen == 3 and cb.learner.diverged_tasks == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(_plain_state(model)["heads.0.weight"], after["heads.0.weight"])

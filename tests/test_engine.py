@@ -574,3 +574,16 @@ def test_a_scoring_step_with_an_infinite_head_gradient_is_not_counted():
     net.head.weight.grad[0, 0] = float("inf")  # the AMP scaler will skip this step
     learner.before_update()
     assert learner.scored_batches == 0 and learner.phase == "scoring"
+
+
+def test_a_layer_that_saw_only_non_finite_inputs_says_so_not_that_it_saw_none():
+    from lightning_cskl.core.covariance import CovarianceCollector, NonFiniteInputError
+
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+    collector = CovarianceCollector({"conv": conv})
+    with collector.hooked():
+        conv(torch.full((2, 2, 4, 4), float("nan")))
+    with pytest.raises(NonFiniteInputError, match="layer 'conv' saw only non-finite inputs \\(2 samples\\)"):
+        collector.covariances()
+    with pytest.raises(RuntimeError, match="saw no input"):
+        CovarianceCollector({"conv": conv}).covariances()

@@ -64,7 +64,7 @@ def test_ncm_is_the_nearest_mean_and_unseen_classes_never_win():
 
 
 def test_bad_input_is_refused_and_nothing_is_stored():
-    with pytest.raises(ValueError, match="statistics_head='svm' is not allowed: use 'lda' or 'ncm'"):
+    with pytest.raises(ValueError, match="statistics_head='svm' is not allowed: use one of 'lda', 'ncm', 'qda'"):
         StatisticsHead("svm")
     with pytest.raises(ValueError, match="shrinkage=2 is not allowed"):
         StatisticsHead("lda", shrinkage=2)

@@ -36,8 +36,10 @@ def test_csko_projection_state_is_constant_in_the_number_of_tasks(tasks):
     assert len(set(between[:3])) == 1 and between[0] > 0
     # between tasks: per trained layer a C×C float32 covariance and a C boolean mask (SmallCNN(8): C = 8, 16)
     assert between[0] == (8 * 8 + 16 * 16) * 4 + (8 + 16)
-    # during a task the free bases C×r (r ≤ C) are added on top
-    assert all(between[0] < s.during_bytes <= between[0] + (8 * 8 + 16 * 16) * 4 for s in states[:3])
+    # during a task the free bases C×r (r ≤ C) are added on top, and the trained tensors' start values (the
+    # selected centers of 16 outputs, ρ = 0.75: 6 of 8 and 12 of 16 input channels, and the head's 10×16 + 10)
+    start = (16 * 6 + 16 * 12 + 10 * 16 + 10) * 4
+    assert all(between[0] + start < s.during_bytes <= between[0] + start + (8 * 8 + 16 * 16) * 4 for s in states[:3])
     assert states[-1].during_bytes is None
 
 

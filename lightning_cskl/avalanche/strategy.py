@@ -368,9 +368,11 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         self.learner.bind(model)
         self.learner.begin_task()
         # a fresh optimizer state (old momentum must not leak into a new task), over the model's own parameters
-        # (their names never change); the learner then adds the branches' centers, which are not parameters of
-        # the model, to the group of their convolution's weight
-        strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
+        # (their names never change) and whatever else the user gave the optimizer (a learnable temperature is
+        # kept, as Naive keeps it); centers left from a task that raised are taken out, and the learner then adds
+        # this task's, which are not parameters of the model, to the group of their convolution's weight
+        self.learner.forget_centers(strategy.optimizer)
+        strategy.make_optimizer(reset_optimizer_state=True)
         self._remove_optimizer_hooks()
         self._optimizer_handle = self.learner.attach_optimizer(strategy.optimizer)
         self._warn_if_scoring_fills(strategy)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .center import center_input
 
-__all__ = ["CovarianceCollector", "center_covariance", "all_reduce_max_", "all_reduce_sum_"]
+__all__ = ["CovarianceCollector", "NonFiniteInputError", "center_covariance", "all_reduce_max_", "all_reduce_sum_"]
 
 
 def center_covariance(x_center: Tensor, groups: int) -> tuple[Tensor, int]:
@@ -49,6 +49,10 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+class NonFiniteInputError(RuntimeError):
+    """Every input a layer saw while its covariance was collected was NaN or infinite."""
 
 
 class CovarianceCollector:
@@ -118,6 +122,13 @@ class CovarianceCollector:
             all_reduce_sum_(total)
             all_reduce_sum_(count)
             if count.item() == 0:
+                skipped = self.skipped.get(name, 0)
+                if skipped:
+                    raise NonFiniteInputError(
+                        f"layer {name!r} saw only non-finite inputs ({skipped} samples) while its covariance was "
+                        "collected: the model computes NaN or infinity there (training diverged, or the data holds "
+                        "NaN or infinite values)"
+                    )
                 raise RuntimeError(
                     f"layer {name!r} saw no input while its covariance was collected: the dataloader was empty "
                     "or the layer is not used in the model's forward"

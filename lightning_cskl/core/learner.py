@@ -42,7 +42,7 @@ from .projection import layer_projector, project_taps, project_update
 from .selection import channel_scores, select_channels
 from .step import ConstrainedStep, StepHandle
 
-__all__ = ["BASE", "CenterKernelLearner", "IDLE", "NoEligibleLayerError", "Phase", "SCORING", "TRAINING", "resolve_layers",
+__all__ = ["BASE", "CenterKernelLearner", "DIVERGED_STEPS", "IDLE", "NoEligibleLayerError", "Phase", "SCORING", "TRAINING", "resolve_layers",
            "resolve_train_also"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ _PHASES = (IDLE, BASE, SCORING, TRAINING)
 _RENAMED = {"criterion": "projection_criterion"}
 
 _HELD = "held:"  # step-hook names of the parameters a scoring step keeps in place
+
+#: consecutive steps with non-finite gradients at the end of a task that count as diverged training
+DIVERGED_STEPS = 3
 
 
 class NoEligibleLayerError(ValueError):
@@ -264,6 +267,11 @@ class CenterKernelLearner:
         self.start_values: dict[str, Tensor] = {}  # every trained tensor as the task's training began
         self.update_effect: dict[str, dict[str, float]] = {}
         self.skipped_steps = 0
+        self.training_steps = 0  # steps of this task past DCES scoring
+        self.diverged_tasks = 0  # tasks whose training diverged and was undone
+        self._skip_run = 0  # consecutive skipped steps up to now
+        self._skip_run_start = 0  # the step where that run began
+        self._skip_run_layers: list[str] = []  # the trained tensors whose gradient was non-finite then
         # derived, rebuilt on demand
         self.free_bases: dict[str, Tensor] = {}
         self.free_dims: dict[str, int] = {}
@@ -273,6 +281,7 @@ class CenterKernelLearner:
         self._collector: Optional[CovarianceCollector] = None  # the end-of-task pass's, while it runs
         self._grad_masks: dict[str, Tensor] = {}
         self._optimizers: list[weakref.ref] = []  # optimizers the branches' centers are added to
+        self._held: dict[int, weakref.ref] = {}  # every center ever added to an optimizer, by id
         # bound methods, not lambdas: a deep copy of the learner (a callback copied by the user) then projects
         # its own tensors
         self._holding = False  # this step scored channels: what the optimizer moves is put back after it
@@ -446,11 +455,23 @@ class CenterKernelLearner:
         optimizer's first group (one optimizer steps a center, never two)."""
         optimizers = [o for o in (ref() for ref in self._optimizers) if o is not None]
         holding = [o for o in optimizers if any(weight is q for g in o.param_groups for q in g["params"])]
+        self._held[id(param)] = weakref.ref(param)
         for optimizer in holding or optimizers[:1]:
             if any(param is q for group in optimizer.param_groups for q in group["params"]):
                 continue
             groups = [g for g in optimizer.param_groups if any(weight is q for q in g["params"])]
             (groups or optimizer.param_groups)[0]["params"].append(param)
+
+    def forget_centers(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take every center this learner ever added out of ``optimizer`` (parameters and state), leaving the
+        rest as it is: for an optimizer reused across tasks after a task that ended by an exception (its centers
+        were left in it so that a checkpoint of its state could resume the task)."""
+        held = {key for key, ref in self._held.items() if ref() is not None}
+        self._held = {key: self._held[key] for key in held}
+        for group in optimizer.param_groups:
+            group["params"][:] = [q for q in group["params"] if id(q) not in held]
+        for param in [p for p in optimizer.state if id(p) in held]:
+            optimizer.state.pop(param, None)
 
     def _release(self, param: nn.Parameter) -> None:
         """Take ``param`` and its state out of every attached optimizer (in place: LBFGS keeps the list)."""
@@ -540,7 +561,10 @@ class CenterKernelLearner:
                 "head weight moved in this task; use more steps per task or a smaller score_batches",
                 self.scored_batches, self.config.score_batches,
             )
-        if self.skipped_steps:
+        diverged = self._diverged()
+        if diverged:
+            self._restore_start(diverged)
+        elif self.skipped_steps:
             log.warning("%d optimizer steps of this task had non-finite gradients and were skipped (nothing moved "
                         "in them); NaN or infinite inputs, or a learning rate too large, cause this",
                         self.skipped_steps)
@@ -548,7 +572,7 @@ class CenterKernelLearner:
             self.record(run_forward)
         finally:  # also when the pass raised: the model is never left with branches and frozen
             self.phase = IDLE
-            self.skipped_steps = 0
+            self.skipped_steps = self.training_steps = self._skip_run = 0
             self.score_sums, self.free_bases, self._grad_masks = {}, {}, {}
             self._step.clear()
             self.start_centers, self.start_values = {}, {}
@@ -557,6 +581,35 @@ class CenterKernelLearner:
             else:
                 self.apply_trainability()
             self._optimizers = []
+
+    def _diverged(self) -> str:
+        """Why this task's training counts as diverged ("" if it does not): a trained tensor holds NaN or infinity,
+        or the task ended on :data:`DIVERGED_STEPS` or more consecutive steps with non-finite gradients (isolated
+        skipped steps, such as a batch with a NaN pixel, do not count)."""
+        if self.phase != TRAINING:
+            return ""
+        broken = [n for n, p in self._named_trainable().items() if not bool(torch.isfinite(p.detach()).all())]
+        if broken:
+            return f"trained values became non-finite ({', '.join(broken)})"
+        if self._skip_run >= DIVERGED_STEPS:
+            where = f" (first in {', '.join(self._skip_run_layers)})" if self._skip_run_layers else ""
+            return (f"every step from step {self._skip_run_start} of {self.training_steps} on had non-finite "
+                    f"gradients{where}")
+        return ""
+
+    def _restore_start(self, why: str) -> None:
+        """Put every trained tensor back to its value when this task's training began (the model before the task)
+        and say so; the task's data is still recorded from that model, so the projection state stays valid."""
+        named = self._named_trainable()
+        with torch.no_grad():
+            for name, start in self.start_values.items():
+                if name in named:
+                    named[name].copy_(start)
+        log.warning(
+            "this task's training diverged: %s. The model was put back to its state before the task (nothing of "
+            "this task was learned; its data is recorded from that model, so the next task can run). Try a lower "
+            "learning rate, or gradient clipping.", why)
+        self.diverged_tasks += 1
 
     def record(self, run_forward: Callable[[], Any]) -> None:
         """Add the center-input covariance of the data that ``run_forward`` feeds through the model.
@@ -675,10 +728,19 @@ class CenterKernelLearner:
         if self.phase == SCORING:
             self._score_step()
         elif self.phase == TRAINING:
+            self.training_steps += 1
             if self._gradients_finite():
+                self._skip_run = 0
                 self._mask_gradients()
             else:
                 self.skipped_steps += 1
+                if not self._skip_run:
+                    self._skip_run_start = self.training_steps
+                    named = self._named_trainable()
+                    broken = [n for n, p in named.items() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                    self._skip_run_layers = (["every trained tensor"] if len(broken) == len(named) and len(named) > 3
+                                             else broken[:3] + ([f"{len(broken) - 3} more"] if len(broken) > 3 else []))
+                self._skip_run += 1
                 for p in self.trainable_parameters():
                     p.grad = None
 

@@ -221,7 +221,7 @@ class IncrementalFreezePlugin(PrototypeReplayHooks, supports_distributed=True):
             for name, p in model.named_parameters():
                 p.requires_grad_(name in keep)
             self._freeze_batchnorm(model)
-        strategy.make_optimizer(reset_optimizer_state=True, remove_params=True)
+        strategy.make_optimizer(reset_optimizer_state=True)  # parameters outside the model stay, as in Naive
         self._replay_head = None
         if not self.is_base:
             if self.replays_prototypes(model) and len(self.memory):
