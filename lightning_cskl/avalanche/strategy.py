@@ -22,6 +22,7 @@ evaluated with an LDA statistics head (:class:`~lightning_cskl.core.head.Statist
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -44,9 +45,11 @@ from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
 from ..core.drift import CarryKind, DriftCarry, feature_distillation, validate_carry, validate_distill_weight
 from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead, StatisticsRule
 from ..core.learner import IDLE, SCORING, TRAINING, resolve_train_also
+from ..core.prefix_cache import CachePrecision, PrefixCache, PrefixCacheSetting
 from ..core.prototypes import PrototypeMemory
 
-__all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head"]
+__all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head",
+           "with_sample_index"]
 
 PrototypeReplay = Union[Literal["auto"], bool]
 
@@ -93,13 +96,38 @@ def find_head(model: nn.Module, head: str = "auto") -> nn.Module:
     return model.get_submodule(find_classifier(model, head))
 
 
-def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int]) -> DataLoader:
+#: the data attribute that carries each sample's position in the experience's dataset (for the prefix cache)
+SAMPLE_INDEX = "cskl_sample_index"
+
+
+def with_sample_index(dataset: Any) -> Any:
+    """``dataset`` whose items end with their position in it (an Avalanche data attribute, so subsets and
+    task-balanced loaders keep it), or None for a dataset that cannot carry one.
+
+    Example:
+        >>> from lightning_cskl.data import split_digits_benchmark
+        >>> data = with_sample_index(split_digits_benchmark("class").train_stream[0].dataset)
+        >>> int(data[5][-1])
+        5
+    """
+    from avalanche.benchmarks.utils import DataAttribute
+
+    if not hasattr(dataset, "update_data_attribute"):
+        return None
+    return dataset.update_data_attribute(
+        SAMPLE_INDEX, DataAttribute(list(range(len(dataset))), SAMPLE_INDEX, use_in_getitem=True))
+
+
+def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int], indexed: bool = False) -> DataLoader:
     """The loader of the end-of-experience pass over the experience's data (eval transforms).
 
     With ``record_batches`` set, only that many batches are read, so they are drawn in a seeded random order: an
-    experience's dataset is often sorted by class, and its first batches would hold one class only.
+    experience's dataset is often sorted by class, and its first batches would hold one class only. With
+    ``indexed``, each batch ends with its samples' positions in the experience's dataset (:func:`with_sample_index`).
     """
     dataset = strategy.experience.dataset.eval()
+    if indexed:
+        dataset = with_sample_index(dataset)
     # BatchNorm is in eval mode here, so the batch size only sets the speed (eval_mb_size defaults to 1)
     batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
     generator = torch.Generator().manual_seed(0) if record_batches is not None else None
@@ -108,7 +136,8 @@ def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int]) -
 
 
 def record_pass(strategy: SupervisedTemplate, record_batches: Optional[int], head: Optional[nn.Module],
-                collect: Callable[..., None], before_update: Optional[Callable[[], Any]] = None) -> None:
+                collect: Callable[..., None], before_update: Optional[Callable[[], Any]] = None,
+                cache: Optional[PrefixCache] = None) -> None:
     """The end-of-experience pass: feed (up to ``record_batches`` batches of) the experience's data through the
     model exactly as training does (``strategy.forward``: task labels for multi-task models), and hand the input
     of ``head`` with the labels of each batch to ``collect``. The caller sets eval mode, ``no_grad`` and whatever
@@ -116,27 +145,38 @@ def record_pass(strategy: SupervisedTemplate, record_batches: Optional[int], hea
 
     With ``before_update`` (a context-manager factory, the learner's ``task_start_weights``), each batch runs
     once more inside it and ``collect`` also receives the head input it gave there (features before the update,
-    paired sample by sample)."""
+    paired sample by sample).
+
+    With an active ``cache`` (:class:`~lightning_cskl.core.prefix_cache.PrefixCache`) the batches read the
+    experience's stored prefix instead of running it, where the check of the pass's first batch allows."""
     features: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0])) if head else None
     saved_batch = strategy.mbatch
+    indexed = cache is not None and cache.active and cache.cut is not None
+    if indexed:
+        cache.new_pass()
     try:
-        for index, batch in enumerate(record_loader(strategy, record_batches)):
+        for index, batch in enumerate(record_loader(strategy, record_batches, indexed)):
             if record_batches is not None and index >= record_batches:
                 break
+            samples = None
+            if indexed:
+                *batch, samples = batch
             strategy.mbatch = [t.to(strategy.device) for t in batch]
-            features.clear()
-            strategy.forward()
-            if not features:
-                continue
-            if before_update is None:
-                collect(features[-1], strategy.mbatch[1])
-                continue
-            new = features[-1]
-            features.clear()
-            with before_update():
+            # no cut is searched for here: its probe passes would be recorded
+            with cache.batch(samples, None) if indexed else contextlib.nullcontext():
+                features.clear()
                 strategy.forward()
-            collect(new, strategy.mbatch[1], features[-1])
+                if not features:
+                    continue
+                if before_update is None:
+                    collect(features[-1], strategy.mbatch[1])
+                    continue
+                new = features[-1]
+                features.clear()
+                with before_update():
+                    strategy.forward()
+                collect(new, strategy.mbatch[1], features[-1])
     finally:
         if hook is not None:
             hook.remove()
@@ -276,6 +316,13 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         distill_weight: weight of a feature-distillation term on the experience's own data, ``weight ·
             mean_n ‖f(x_n) − f₀(x_n)‖²`` on the head's input, ``f₀`` the backbone before the update (one extra
             forward pass per step, without gradient); 0 (default) adds nothing.
+        prefix_cache: compute the frozen prefix (every module before the lowest trained layer) once per
+            incremental experience and train later epochs, and run the end-of-experience pass, from its stored
+            output (:mod:`lightning_cskl.core.prefix_cache`): ``"on"`` (default, a budget of 2 GiB), ``"off"``, or
+            a budget in bytes. Over budget, with a sample that changes between epochs (random augmentation) or a
+            prefix that trains, the experience runs uncached with a one-line notice.
+        prefix_cache_precision: storage of the prefix: ``"float32"`` (default; the results are the uncached
+            run's), ``"float16"`` or ``"int8"`` (a scale per sample and channel).
         **options: fields of :class:`~lightning_cskl.core.CenterKernelConfig`.
 
     Example:
@@ -298,10 +345,15 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         shrinkage: Optional[float] = None,
         carry: Optional[CarryKind] = None,
         distill_weight: float = 0.0,
+        prefix_cache: PrefixCacheSetting = "on",
+        prefix_cache_precision: CachePrecision = "float32",
         **options: Any,
     ) -> None:
         super().__init__()
         self.learner = CenterKernelLearner(config, **options)
+        self.prefix_cache = PrefixCache(prefix_cache, prefix_cache_precision)
+        self._cache_size: Optional[int] = None  # samples of this experience's indexed dataset (None: not indexed)
+        self._cache_batch = contextlib.ExitStack()
         self.carry = validate_carry(carry)
         self._drift = DriftCarry(carry) if carry is not None else None
         self.distill_weight = validate_distill_weight(distill_weight)
@@ -359,6 +411,15 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             )
 
     @override
+    def after_train_dataset_adaptation(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        # every sample carries its position, the key of its stored prefix (not in the base session: it trains all)
+        self._cache_size = None
+        if self.prefix_cache.enabled and not self.learner.is_base_task:
+            indexed = with_sample_index(strategy.adapted_dataset)
+            if indexed is not None:
+                strategy.adapted_dataset, self._cache_size = indexed, len(indexed)
+
+    @override
     def before_training_exp(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
         model = strategy.model
         if self.learner.phase != IDLE and self.learner.model is model:
@@ -384,6 +445,38 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         if self.distill_weight > 0 and not self.learner.is_base_task:
             self._distill_handle = find_head(model, self.head).register_forward_pre_hook(
                 lambda module, args: self._distill_features.append(args[0]))
+        self._begin_cache(strategy)
+
+    def _begin_cache(self, strategy: SupervisedTemplate) -> None:
+        self.release_cache()
+        if not self.prefix_cache.enabled or self.learner.is_base_task:
+            return
+        # a plugin after this one may have swapped the dataset for one without the index (a replay buffer)
+        if not hasattr(strategy.adapted_dataset, SAMPLE_INDEX):
+            self._cache_size = None
+        self.prefix_cache.begin_task(strategy.model, list(self.learner.layers), self._cache_size)
+
+    def release_cache(self) -> None:
+        """Undo the prefix cache's hooks of the current batch and free its store (after an exception)."""
+        self._cache_batch.close()
+        self.prefix_cache.end_task()
+
+    @override
+    def before_training_epoch(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self.prefix_cache.new_pass()
+
+    @override
+    def before_training_iteration(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        # the index leaves the mini-batch before any other plugin sees it (this plugin runs first)
+        samples = None
+        if self._cache_size is not None and isinstance(strategy.mbatch, list) and len(strategy.mbatch) > 1:
+            samples = strategy.mbatch.pop()
+        self._cache_batch.close()
+        self._cache_batch.enter_context(self.prefix_cache.batch(samples, strategy.forward))
+
+    @override
+    def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
+        self._cache_batch.close()
 
     @override
     def before_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -448,8 +541,12 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         pairs = self._drift is not None and head is not None and self.learner.phase == TRAINING
         before = self._drift.timing(self.learner.task_start_weights) if pairs else None
         self._begin_feature_collection()
-        self.learner.end_task(
-            lambda: record_pass(strategy, self.record_batches, head, self._collect_features, before))
+        self._cache_batch.close()
+        try:
+            self.learner.end_task(lambda: record_pass(strategy, self.record_batches, head, self._collect_features,
+                                                      before, self.prefix_cache))
+        finally:
+            self.release_cache()
         self._end_feature_collection(_experience_name(strategy.experience))
 
     def _remove_optimizer_hooks(self) -> None:
@@ -502,7 +599,7 @@ class CSKLStrategy(SupervisedTemplate):
             eval_every, peval_mode: as for Avalanche's ``SupervisedTemplate``. ``plugins`` is copied, never
             changed; the CSKL plugin is put first in the copy and available as ``strategy.cskl``.
         config, prototype_replay, prototype_weight, temperature, head, record_batches, statistics_head,
-            shrinkage, carry, distill_weight: see :class:`CSKLPlugin`.
+            shrinkage, carry, distill_weight, prefix_cache, prefix_cache_precision: see :class:`CSKLPlugin`.
         **options: the other fields of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
             ``layers``, ...), which document them.
 
@@ -546,6 +643,8 @@ class CSKLStrategy(SupervisedTemplate):
         shrinkage: Optional[float] = None,
         carry: Optional[CarryKind] = None,
         distill_weight: float = 0.0,
+        prefix_cache: PrefixCacheSetting = "on",
+        prefix_cache_precision: CachePrecision = "float32",
         **options: Any,
     ) -> None:
         plugin = CSKLPlugin(
@@ -559,6 +658,8 @@ class CSKLStrategy(SupervisedTemplate):
             shrinkage=shrinkage,
             carry=carry,
             distill_weight=distill_weight,
+            prefix_cache=prefix_cache,
+            prefix_cache_precision=prefix_cache_precision,
             **options,
         )
         plugin.check_model(model)
@@ -585,6 +686,7 @@ class CSKLStrategy(SupervisedTemplate):
         try:
             return super().train(*args, **kwargs)
         except BaseException:
+            self.cskl.release_cache()
             self.cskl.learner.suspend()
             raise
 

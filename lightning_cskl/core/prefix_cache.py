@@ -285,6 +285,8 @@ class PrefixCache:
         self._store: Optional[PrefixStore] = None
         self._checked = False  # this pass's first fully stored batch was compared with the store
         self.hits = self.misses = 0  # batches read from the store / run through the prefix, in this task
+        #: the last finished task's cut, store bytes, hits, misses and reason for being off ({} before any)
+        self.last_task: dict[str, Any] = {}
 
     @property
     def enabled(self) -> bool:
@@ -321,7 +323,10 @@ class PrefixCache:
         return self.active
 
     def end_task(self) -> None:
-        """Free the store and forget the task."""
+        """Free the store and forget the task (what it did stays in :attr:`last_task`)."""
+        if self.model is not None:
+            self.last_task = {"cut": self.cut, "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
+                              "reason": self.reason}
         self.model, self._plan, self._store, self.reason = None, None, None, ""
         self._layers, self.size, self._checked = [], 0, False
         self.hits = self.misses = 0
@@ -339,10 +344,11 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ batches
     @contextlib.contextmanager
-    def batch(self, index: Optional[Tensor], run: Callable[[], Any]) -> Iterator[None]:
+    def batch(self, index: Optional[Tensor], run: Optional[Callable[[], Any]]) -> Iterator[None]:
         """Around the forward pass(es) of one batch whose samples are ``index`` (their positions in the task's
         dataset; None: unknown, the batch runs plainly). ``run`` runs the model's forward on this batch: the
-        first batch of a task calls it to find and check the cut (without gradient, in eval mode).
+        first batch of a task calls it to find and check the cut (without gradient, in eval mode; None: a batch
+        before the cut is known runs plainly).
 
         Inside the block the model stores the cut's input (samples not all stored yet), compares it with the
         store (the pass's first fully stored batch), or skips the prefix and reads the store.
@@ -356,6 +362,9 @@ class PrefixCache:
             yield
             return
         if self._plan is None:
+            if run is None:
+                yield
+                return
             self._plan = self._find_cut(run)
             if self._plan is None:
                 yield
