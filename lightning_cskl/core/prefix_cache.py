@@ -86,9 +86,9 @@ def validate_prefix_cache(value: Any) -> Optional[int]:
         >>> validate_prefix_cache("on") == DEFAULT_BUDGET_BYTES, validate_prefix_cache("off"), validate_prefix_cache(10**9)
         (True, None, 1000000000)
     """
-    if value in ("off", False, None):
+    if value is None or value is False or value == "off":  # `is`: 0 and 1 are budgets, refused or taken as such
         return None
-    if value in ("on", True):
+    if value is True or value == "on":
         return DEFAULT_BUDGET_BYTES
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
