@@ -111,6 +111,9 @@ class StrategyOptions:
             head for task-incremental ones), ``lda``, ``ncm``, ``qda`` or null (always the trained head).
         carry: carry the stored statistics across each update (``affine``, ``shift``, ``sdc``) or null.
         distill_weight: weight of the feature-distillation term (0: off).
+        prefix_cache: compute the frozen prefix once per incremental experience and train later epochs from its
+            stored output: ``on`` (a 2 GiB budget), ``off``, or a budget in bytes (over it: a notice, uncached).
+        prefix_cache_precision: its storage: ``float32`` (results as uncached), ``float16`` or ``int8``.
     """
 
     prototype_replay: Union[Literal["auto"], bool] = "auto"
@@ -120,6 +123,8 @@ class StrategyOptions:
     statistics_head: Optional[Literal["auto", "lda", "ncm", "qda"]] = "auto"
     carry: Optional[Literal["affine", "shift", "sdc"]] = None
     distill_weight: float = 0.0
+    prefix_cache: Union[Literal["on", "off"], int] = "on"
+    prefix_cache_precision: Literal["float32", "float16", "int8"] = "float32"
 
 
 @dataclass
