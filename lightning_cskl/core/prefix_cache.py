@@ -73,8 +73,8 @@ DEFAULT_BUDGET_BYTES = 2 * 2**30
 # the largest difference between a sample's recomputed prefix output and its stored value that still counts as
 # "the same sample", relative to the largest magnitude of its channel: float32 keeps the values exactly (the CPU
 # kernels give a sample the same result whatever batch it is in; 1e-5 leaves room for GPU reductions), float16
-# rounds each value by at most 2^-11 of itself, 8-bit by half a step of amax/127 (plus the float16 scale's rounding)
-_STALE_TOLERANCE = {"float32": 1e-5, "float16": 2.0**-10, "int8": 0.75 / 127}
+# rounds each value by at most 2^-11 of itself, 8-bit by half a step of its stored scale (about amax/127)
+_STALE_TOLERANCE = {"float32": 1e-5, "float16": 2.0**-10, "int8": 0.6 / 127}
 # outputs of the skipping forward and the plain one, relative to the plain output's largest magnitude
 _CUT_TOLERANCE = 1e-5
 
@@ -106,14 +106,14 @@ def validate_precision(value: Any) -> CachePrecision:
 class PrefixStore:
     """``size`` samples of one shape at a storage precision, written and read by sample index.
 
-    ``int8`` keeps, per sample and channel (the first axis after the batch), a float16 scale ``amax / 127`` and the
-    values rounded to multiples of it: 1 byte per value plus 2 per channel.
+    ``int8`` keeps, per sample and channel (the first axis after the batch), a bfloat16 scale of about ``amax / 127``
+    and the values rounded to multiples of it: 1 byte per value plus 2 per channel.
 
     Example:
         >>> store = PrefixStore(4, (2, 3), "int8", torch.device("cpu"), torch.float32)
         >>> store.write(torch.tensor([1, 3]), torch.tensor([[[0.0, 1.0, 2.0], [4.0, -4.0, 1.0]]] * 2))
         >>> store.filled.tolist(), [round(v, 2) for v in store.read(torch.tensor([3]))[0, 1].tolist()], store.nbytes
-        ([False, True, False, True], [4.0, -4.0, 1.01], 40)
+        ([False, True, False, True], [4.0, -4.0, 1.02], 40)
     """
 
     def __init__(self, size: int, sample_shape: Sequence[int], precision: CachePrecision, device: torch.device,
@@ -122,7 +122,7 @@ class PrefixStore:
         storage = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[precision]
         self.values = torch.empty((size, *self.sample_shape), dtype=storage, device=device)
         channels = self.sample_shape[:1] if precision == "int8" else None
-        self.scales = (torch.empty((size, *channels), dtype=torch.float16, device=device)
+        self.scales = (torch.empty((size, *channels), dtype=torch.bfloat16, device=device)
                        if channels is not None else None)
         self.filled = torch.zeros(size, dtype=torch.bool)
 
@@ -148,7 +148,9 @@ class PrefixStore:
         index = index.to(self.values.device)
         with torch.no_grad():
             if self.precision == "int8":
-                scale = (self._channel_amax(x.float()) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
+                # bfloat16: float32's range (no subnormal scale for a channel near zero); enlarged by 2^-8 before its
+                # rounding (at most 2^-9) so that amax / scale never exceeds 127 and nothing is clipped
+                scale = (self._channel_amax(x.float()) / 127 * (1 + 2.0**-8)).clamp_min(1e-30).to(torch.bfloat16)
                 self.values[index] = (x.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
                 self.scales[index] = scale.reshape(self.scales[index].shape)
             else:
@@ -170,6 +172,9 @@ class PrefixStore:
             fresh = x.detach().float()
             stored = self.read(index).float()
             amax = self._channel_amax(fresh)
+            if self.precision == "int8":  # half a step of the scale actually stored
+                scale = self.scales[index.to(self.values.device)].float()
+                amax = scale.reshape(scale.shape + (1,) * (fresh.dim() - scale.dim())) * 127
             bound = _STALE_TOLERANCE[self.precision] * amax + 1e-6 * float(amax.max()) + 1e-30
             return bool(((fresh - stored).abs() > bound).any())
 
