@@ -603,16 +603,23 @@ class CenterKernelLearner:
                 self._skip_run = 0
                 self._mask_gradients()
             else:
-                self.skipped_steps += 1
-                if not self._skip_run:
-                    self._skip_run_start = self.training_steps
-                    named = self._named_trainable()
-                    broken = [n for n, p in named.items() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-                    self._skip_run_layers = (["every trained tensor"] if len(broken) == len(named) and len(named) > 3
-                                             else broken[:3] + ([f"{len(broken) - 3} more"] if len(broken) > 3 else []))
-                self._skip_run += 1
-                for p in self.trainable_parameters():
-                    p.grad = None
+                self._skip_step()
+
+    def _skip_step(self) -> None:
+        """A training step with non-finite gradients moves nothing; a run of them is remembered with where it
+        began, so that a task that ends on one can say that its training diverged, and from where."""
+        self.skipped_steps += 1
+        if not self._skip_run:
+            self._skip_run_start = self.training_steps
+            named = self._named_trainable()
+            broken = [n for n, p in named.items() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            if len(broken) == len(named) > 3:
+                self._skip_run_layers = ["every trained tensor: the loss itself was non-finite"]
+            else:
+                self._skip_run_layers = broken[:3] + ([f"{len(broken) - 3} more"] if len(broken) > 3 else [])
+        self._skip_run += 1
+        for p in self.trainable_parameters():
+            p.grad = None
 
     def _reduce_branch_gradients(self) -> None:
         """Average the centers' gradients over processes (DDP averages only the model's own parameters)."""
