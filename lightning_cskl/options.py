@@ -4,9 +4,10 @@ and YAML keys; :func:`lightning_cskl.avalanche.job.run` and the benchmark builde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
-from .core import CenterKernelConfig
+from .core import CenterKernelConfig, HeadConfig
+from .core.prefix_cache import PrefixCacheConfig
 
 __all__ = ["DataOptions", "ModelOptions", "RunConfig", "StrategyOptions", "TrainOptions", "UsageError", "WandbOptions"]
 
@@ -99,32 +100,14 @@ class TrainOptions:
 
 
 @dataclass
-class StrategyOptions:
-    """CSKLStrategy's options besides the engine's (see lightning_cskl.avalanche.CSKLPlugin).
+class StrategyOptions(PrefixCacheConfig, HeadConfig):
+    """CSKLStrategy's options besides the engine's: the fields of lightning_cskl.core.HeadConfig (statistics head,
+    carry, distillation, prototype replay) and of lightning_cskl.core.prefix_cache.PrefixCacheConfig (prefix_cache,
+    prefix_cache_precision), which document them; written once there, shared by both doors."""
 
-    Args:
-        prototype_replay: ``auto`` (on for class-incremental, off for task-incremental), true or false.
-        prototype_weight: weight of the prototype loss.
-        temperature: τ dividing the logits while prototypes are replayed.
-        record_batches: batches per experience used for its covariance and prototypes (None: all).
-        statistics_head: ``auto`` (CSKLStrategy's choice for class- and domain-incremental runs, the trained
-            head for task-incremental ones), ``lda``, ``ncm``, ``qda`` or null (always the trained head).
-        carry: carry the stored statistics across each update (``affine``, ``shift``, ``sdc``) or null.
-        distill_weight: weight of the feature-distillation term (0: off).
-        prefix_cache: compute the frozen prefix once per incremental experience and train later epochs from its
-            stored output: ``on`` (a 2 GiB budget), ``off``, or a budget in bytes (over it: a notice, uncached).
-        prefix_cache_precision: its storage: ``float32`` (results as uncached), ``float16`` or ``int8``.
-    """
-
-    prototype_replay: Union[Literal["auto"], bool] = "auto"
-    prototype_weight: float = 10.0
-    temperature: float = 0.1
-    record_batches: Optional[int] = None
-    statistics_head: Optional[Literal["auto", "lda", "ncm", "qda"]] = "auto"
-    carry: Optional[Literal["affine", "shift", "sdc"]] = None
-    distill_weight: float = 0.0
-    prefix_cache: Union[Literal["on", "off"], int] = "on"
-    prefix_cache_precision: Literal["float32", "float16", "int8"] = "float32"
+    def __post_init__(self) -> None:
+        HeadConfig.__post_init__(self)
+        PrefixCacheConfig.__post_init__(self)
 
 
 @dataclass
@@ -158,7 +141,7 @@ class RunConfig:
         model: the backbone.
         train: training of every experience.
         engine: CsKO's options (lightning_cskl.core.CenterKernelConfig); used by ``method: csko``.
-        strategy: CSKLStrategy's prototype-replay options; used by ``method: csko``.
+        strategy: CSKLStrategy's classifier-side options (lightning_cskl.core.HeadConfig); used by ``method: csko``.
         wandb: W&B tracking.
     """
 

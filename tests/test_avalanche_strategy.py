@@ -346,7 +346,7 @@ def test_an_experience_too_short_to_finish_scoring_warns():
 
 
 def test_a_nan_pixel_never_reaches_the_stored_state_and_later_tasks_still_train(caplog):
-    from lightning_cskl.data.benchmarks import tensor_benchmark
+    from lightning_cskl.data.tensors import tensor_benchmark
     from lightning_cskl.data import split_digits
 
     (data,) = split_digits(n_tasks=1)

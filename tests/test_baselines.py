@@ -31,7 +31,7 @@ from lightning_cskl.experiments.full_kernel import (
 )
 from lightning_cskl.core.projection import NULL_SPACE_RTOL
 from lightning_cskl.data import split_digits
-from lightning_cskl.data.benchmarks import tensor_benchmark
+from lightning_cskl.data.tensors import tensor_benchmark
 from lightning_cskl.models import SmallCNN
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")

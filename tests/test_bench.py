@@ -13,7 +13,7 @@ from lightning_cskl.avalanche import run_continual
 from lightning_cskl.experiments.baselines import UnknownMethodError, build_method
 from lightning_cskl.experiments.bench import ACCURACY_COLUMNS, COST_COLUMNS, CostProbe, claims_markdown, default_model, run_bench
 from lightning_cskl.data import split_digits
-from lightning_cskl.data.benchmarks import tensor_benchmark
+from lightning_cskl.data.tensors import tensor_benchmark
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 

@@ -215,3 +215,25 @@ def test_task_start_weights_give_the_backbone_before_the_update_exactly():
     handle.remove()
     with learner.task_start_weights() as swapped:
         assert not swapped  # between tasks nothing is swapped
+
+
+def test_the_carried_covariance_adds_what_no_affine_map_predicts():
+    """y = x A + b + e with e independent of x: every class's covariance under the new backbone is AᵀΣA + Σ_e.
+    Without Σ_e the carried covariances are too narrow; with it they match the re-measured ones."""
+    x, y, a, b = _pairs(n=4000)
+    g = torch.Generator().manual_seed(1)
+    noise_scale = torch.tensor([0.5, 0.1, 0.1, 0.3, 0.1, 0.2], dtype=torch.float64)
+    y = y + torch.randn(y.shape, generator=g, dtype=torch.float64) * noise_scale
+    drift = fit_drift(x, y)
+    assert torch.allclose(drift.noise.diagonal().sqrt(), noise_scale, rtol=0.1)
+    labels = torch.arange(4000) % 3
+    measured = StatisticsHead("qda")
+    measured.update(y, labels)
+    for with_noise in (True, False):
+        head = StatisticsHead("qda")
+        head.update(x, labels)
+        head.carry(drift if with_noise else DriftMap("affine", weight=drift.weight, bias=drift.bias))
+        error = (head.class_covariances() - measured.class_covariances()).norm() / measured.class_covariances().norm()
+        assert (error < 0.05) == with_noise, (with_noise, float(error))
+        pooled = (head.covariance() - measured.covariance()).norm() / measured.covariance().norm()
+        assert (pooled < 0.05) == with_noise, (with_noise, float(pooled))

@@ -509,7 +509,7 @@ def test_train_also_auto_is_the_classifier_head_of_real_architectures(arch, head
     import torchvision
 
     net = getattr(torchvision.models, arch)(weights=None, num_classes=10)
-    from lightning_cskl.core.learner import resolve_train_also
+    from lightning_cskl.core.layers import resolve_train_also
 
     assert resolve_train_also(net, "auto", resolve_layers(net, "auto")) == [head]
 
@@ -520,7 +520,7 @@ def test_train_also_auto_descends_into_a_wrapper_and_keeps_every_head():
             super().__init__()
             self.net = Net()
 
-    from lightning_cskl.core.learner import resolve_train_also
+    from lightning_cskl.core.layers import resolve_train_also
 
     assert resolve_train_also(Wrapper(), "auto", ["net.conv3"]) == ["net.head"]
     heads = nn.ModuleDict({"backbone": nn.Sequential(nn.Conv2d(1, 4, 3)), "heads": nn.ModuleList(

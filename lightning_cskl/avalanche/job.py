@@ -143,12 +143,7 @@ def _run(config: RunConfig, benchmark: Any, name: str, folder: Path, began: floa
             return Naive(**common)
         if config.method != "csko":
             return methods[config.method](**common)
-        s = config.strategy
-        return CSKLStrategy(**common, config=config.engine, prototype_replay=s.prototype_replay,
-                            prototype_weight=s.prototype_weight, temperature=s.temperature,
-                            record_batches=s.record_batches, statistics_head=s.statistics_head, carry=s.carry,
-                            distill_weight=s.distill_weight, prefix_cache=s.prefix_cache,
-                            prefix_cache_precision=s.prefix_cache_precision)
+        return CSKLStrategy(**common, config=config.engine, **asdict(config.strategy))
 
     plain_config = asdict(config)
     folder.mkdir(parents=True, exist_ok=True)

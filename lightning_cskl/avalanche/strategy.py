@@ -23,10 +23,7 @@ evaluated with an LDA statistics head (:class:`~lightning_cskl.core.head.Statist
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import inspect
-import typing
 import warnings
 from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, Union
@@ -42,17 +39,16 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
-from ..core.drift import CarryKind, DriftCarry, feature_distillation, validate_carry, validate_distill_weight
+from ..core.config import HeadConfig, publish_options, split_options
+from ..core.drift import DriftCarry, feature_distillation
 from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead, StatisticsRule
-from ..core.learner import IDLE, SCORING, TRAINING, resolve_train_also
-from ..core.prefix_cache import CachePrecision, PrefixCache, PrefixCacheSetting
+from ..core.layers import resolve_train_also
+from ..core.learner import IDLE, SCORING, TRAINING
+from ..core.prefix_cache import PrefixCache, PrefixCacheConfig
 from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CSKLPlugin", "CSKLStrategy", "EmptyExperienceError", "PrototypeReplayHooks", "find_classifier", "find_head",
            "with_sample_index"]
-
-PrototypeReplay = Union[Literal["auto"], bool]
-
 
 class EmptyExperienceError(ValueError):
     """An experience to train on holds no samples."""
@@ -290,40 +286,15 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
 
     Args:
         config: the engine's options (:class:`~lightning_cskl.core.CenterKernelConfig`); or give its fields
-            as keyword ``options``.
-        prototype_replay: replay one mean feature per old class through the head (METHOD.md §4). ``"auto"``:
-            on for single-head models (class-incremental), off for Avalanche ``MultiTaskModule`` models
-            (task-incremental); True / False force it.
-        prototype_weight: weight of the prototype loss (10).
-        temperature: τ dividing the logits while prototypes are replayed (0.1).
-        head: qualified name of the classifier head (its input is the feature that prototypes store);
-            ``"auto"``: the last ``IncrementalClassifier``, else the last ``nn.Linear``.
-        record_batches: evaluation batches of each experience used for its covariance and prototypes
-            (None: all).
-        statistics_head: ``"lda"``, ``"ncm"`` or ``"qda"``: evaluate with a classifier of feature statistics instead of
-            the trained head (:class:`~lightning_cskl.core.head.StatisticsHead`; class means, plus a shared
-            covariance for ``"lda"``, updated from every experience's features at its end); None: the trained
-            head; ``"auto"`` (default): ``"qda"`` for single-head models (class- and domain-incremental: per-class
-            Gaussian statistics; on the frozen SmallCNN base it beat LDA by 6 to 11 points, BENCHMARKS.md), None
-            for Avalanche ``MultiTaskModule`` models.
-        shrinkage: ε of the ``"lda"`` statistics head, α of the ``"qda"`` one (None: 1e-4 and 0.5).
-        carry: carry the stored class statistics (and prototypes) across each experience's backbone update
-            (:mod:`lightning_cskl.core.drift`): at the experience's end its data runs once more through the
-            backbone as it was before the update, a map from old to new features is fitted on those pairs, and
-            every stored class mean and covariance moves through it before the experience's own statistics are
-            merged: ``"affine"`` (ridge-fitted affine map), ``"shift"`` (mean displacement), ``"sdc"`` (semantic
-            drift compensation) or None (the stored statistics stay as measured).
-        distill_weight: weight of a feature-distillation term on the experience's own data, ``weight ·
-            mean_n ‖f(x_n) − f₀(x_n)‖²`` on the head's input, ``f₀`` the backbone before the update (one extra
-            forward pass per step, without gradient); 0 (default) adds nothing.
-        prefix_cache: compute the frozen prefix (every module before the lowest trained layer) once per
-            incremental experience and train later epochs, and run the end-of-experience pass, from its stored
-            output (:mod:`lightning_cskl.core.prefix_cache`): ``"on"`` (default, a budget of 2 GiB), ``"off"``, or
-            a budget in bytes. Over budget, with a sample that changes between epochs (random augmentation) or a
-            prefix that trains, the experience runs uncached with a one-line notice.
-        prefix_cache_precision: storage of the prefix: ``"float32"`` (default; the results are the uncached
-            run's), ``"float16"`` or ``"int8"`` (a scale per sample and channel).
-        **options: fields of :class:`~lightning_cskl.core.CenterKernelConfig`.
+            as keyword options.
+        **options: the fields of :class:`~lightning_cskl.core.HeadConfig` (``statistics_head``, ``carry``,
+            ``prototype_replay``, ``head``, ``record_batches``, ...), of
+            :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig` (``prefix_cache``,
+            ``prefix_cache_precision``) and of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
+            ``layers``, ...), which document them; all are published in this signature. ``prototype_replay="auto"``
+            (default) is on for single-head models and off for Avalanche ``MultiTaskModule`` models;
+            ``statistics_head="auto"`` (default) is ``"qda"`` for single-head models and None for
+            ``MultiTaskModule`` ones.
 
     Example:
         >>> plugin = CSKLPlugin(channel_ratio=0.5)
@@ -332,50 +303,30 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         0.5
     """
 
-    def __init__(
-        self,
-        config: Optional[CenterKernelConfig] = None,
-        *,
-        prototype_replay: PrototypeReplay = "auto",
-        prototype_weight: float = 10.0,
-        temperature: float = 0.1,
-        head: str = "auto",
-        record_batches: Optional[int] = None,
-        statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto",
-        shrinkage: Optional[float] = None,
-        carry: Optional[CarryKind] = None,
-        distill_weight: float = 0.0,
-        prefix_cache: PrefixCacheSetting = "on",
-        prefix_cache_precision: CachePrecision = "float32",
-        **options: Any,
-    ) -> None:
+    @publish_options(HeadConfig, PrefixCacheConfig, CenterKernelConfig)
+    def __init__(self, config: Optional[CenterKernelConfig] = None, **options: Any) -> None:
         super().__init__()
-        self.learner = CenterKernelLearner(config, **options)
-        self.prefix_cache = PrefixCache(prefix_cache, prefix_cache_precision)
+        self.options, options = split_options(options, HeadConfig)
+        cache, engine_options = split_options(options, PrefixCacheConfig)
+        self.learner = CenterKernelLearner(config, **engine_options)
+        self.prefix_cache = PrefixCache(cache.prefix_cache, cache.prefix_cache_precision)
         self._cache_size: Optional[int] = None  # samples of this experience's indexed dataset (None: not indexed)
         self._cache_batch = contextlib.ExitStack()
-        self.carry = validate_carry(carry)
-        self._drift = DriftCarry(carry) if carry is not None else None
-        self.distill_weight = validate_distill_weight(distill_weight)
+        o = self.options
+        self.carry = o.carry
+        self._drift = DriftCarry(o.carry) if o.carry is not None else None
+        self.distill_weight = o.distill_weight
         self._distill_handle: Any = None
         self._distill_features: list[torch.Tensor] = []
         self._distill_old: Optional[torch.Tensor] = None
         self.distill_loss: Optional[torch.Tensor] = None  # the last step's term, for loggers and tests
-        self.statistics_head = statistics_head
-        rule = DEFAULT_STATISTICS_RULE if statistics_head == "auto" else statistics_head
-        self.statistics = StatisticsHead(rule, shrinkage) if rule is not None else None
-        if prototype_replay not in ("auto", True, False):
-            raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use 'auto', True or False")
-        if record_batches is not None and (
-            isinstance(record_batches, bool) or not isinstance(record_batches, int) or record_batches < 1
-        ):
-            raise ValueError(f"record_batches={record_batches!r} is not allowed: use None or an int >= 1")
-        if not isinstance(head, str):
-            raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
-        self.prototype_replay = prototype_replay
-        self.memory = PrototypeMemory(prototype_weight, temperature, seed=self.learner.config.seed)
-        self.head = head
-        self.record_batches = record_batches
+        self.statistics_head = o.statistics_head
+        rule = DEFAULT_STATISTICS_RULE if o.statistics_head == "auto" else o.statistics_head
+        self.statistics = StatisticsHead(rule, o.shrinkage) if rule is not None else None
+        self.prototype_replay = o.prototype_replay
+        self.memory = PrototypeMemory(o.prototype_weight, o.temperature, seed=self.learner.config.seed)
+        self.head = o.head
+        self.record_batches = o.record_batches
         self._optimizer_handle: Any = None
         self._replay_head: Optional[nn.Module] = None
 
@@ -569,22 +520,6 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             self.statistics.load_state_dict(state["statistics"])
 
 
-def _with_engine_options(init: Callable[..., None]) -> Callable[..., None]:
-    """Publish the engine's options as keyword-only parameters of ``init``'s signature (Avalanche checks
-    keyword names against the signature; CLI parsers read it), written once in CenterKernelConfig."""
-    signature = inspect.signature(init)
-    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    taken = {p.name for p in params}
-    hints = typing.get_type_hints(CenterKernelConfig)  # real types, not strings, for CLI parsers
-    for field in dataclasses.fields(CenterKernelConfig):
-        if field.name in taken:  # `criterion` is Avalanche's loss here: see `projection_criterion`
-            continue
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                        annotation=hints.get(field.name, inspect.Parameter.empty)))
-    init.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    return init
-
-
 class CSKLStrategy(SupervisedTemplate):
     """Avalanche's SupervisedTemplate plus one :class:`CSKLPlugin`: continual learning that trains only
     kernel centers, DCES-selected and projected away from what old experiences use.
@@ -598,10 +533,13 @@ class CSKLStrategy(SupervisedTemplate):
         model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator,
             eval_every, peval_mode: as for Avalanche's ``SupervisedTemplate``. ``plugins`` is copied, never
             changed; the CSKL plugin is put first in the copy and available as ``strategy.cskl``.
-        config, prototype_replay, prototype_weight, temperature, head, record_batches, statistics_head,
-            shrinkage, carry, distill_weight, prefix_cache, prefix_cache_precision: see :class:`CSKLPlugin`.
-        **options: the other fields of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
-            ``layers``, ...), which document them.
+        config: the engine's options (:class:`~lightning_cskl.core.CenterKernelConfig`); or give its fields
+            as keyword options.
+        **options: the fields of :class:`~lightning_cskl.core.HeadConfig` (``statistics_head``, ``carry``,
+            ``prototype_replay``, ...), of :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig`
+            (``prefix_cache``, ``prefix_cache_precision``) and of :class:`~lightning_cskl.core.CenterKernelConfig`
+            (``channel_ratio``, ``layers``, ...), which document them; all published in this signature (see
+            :class:`CSKLPlugin`).
 
     Raises:
         NoEligibleLayerError: ``layers`` selects no convolution of ``model`` whose center can train.
@@ -618,7 +556,7 @@ class CSKLStrategy(SupervisedTemplate):
         >>> # for exp in benchmark.train_stream: strategy.train(exp); strategy.eval(benchmark.test_stream)
     """
 
-    @_with_engine_options
+    @publish_options(HeadConfig, PrefixCacheConfig, CenterKernelConfig)
     def __init__(
         self,
         *,
@@ -634,34 +572,9 @@ class CSKLStrategy(SupervisedTemplate):
         eval_every: int = -1,
         peval_mode: str = "epoch",
         config: Optional[CenterKernelConfig] = None,
-        prototype_replay: PrototypeReplay = "auto",
-        prototype_weight: float = 10.0,
-        temperature: float = 0.1,
-        head: str = "auto",
-        record_batches: Optional[int] = None,
-        statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto",
-        shrinkage: Optional[float] = None,
-        carry: Optional[CarryKind] = None,
-        distill_weight: float = 0.0,
-        prefix_cache: PrefixCacheSetting = "on",
-        prefix_cache_precision: CachePrecision = "float32",
         **options: Any,
     ) -> None:
-        plugin = CSKLPlugin(
-            config,
-            prototype_replay=prototype_replay,
-            prototype_weight=prototype_weight,
-            temperature=temperature,
-            head=head,
-            record_batches=record_batches,
-            statistics_head=statistics_head,
-            shrinkage=shrinkage,
-            carry=carry,
-            distill_weight=distill_weight,
-            prefix_cache=prefix_cache,
-            prefix_cache_precision=prefix_cache_precision,
-            **options,
-        )
+        plugin = CSKLPlugin(config, **options)
         plugin.check_model(model)
         super().__init__(
             model=model,

@@ -1,9 +1,10 @@
 """The method in plain PyTorch: no Lightning, no Avalanche."""
 
 from .center import CenterBranch, attached_branch, center_index, center_input
-from .config import CenterKernelConfig
+from .config import CenterKernelConfig, HeadConfig
 from .covariance import CovarianceCollector, center_covariance
-from .learner import CenterKernelLearner, NoEligibleLayerError, resolve_layers
+from .layers import NoEligibleLayerError, resolve_layers, resolve_train_also
+from .learner import CenterKernelLearner
 from .projection import free_basis, layer_projector, project_update
 from .prototypes import PrototypeMemory
 from .selection import channel_scores, select_channels
@@ -12,6 +13,7 @@ __all__ = [
     "CenterBranch",
     "CenterKernelConfig",
     "CenterKernelLearner",
+    "HeadConfig",
     "CovarianceCollector",
     "NoEligibleLayerError",
     "PrototypeMemory",
@@ -24,5 +26,6 @@ __all__ = [
     "layer_projector",
     "project_update",
     "resolve_layers",
+    "resolve_train_also",
     "select_channels",
 ]

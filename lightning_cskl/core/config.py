@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from .center import validate_elements, validate_gradient_filter
+from .drift import CarryKind, validate_carry, validate_distill_weight
+from .head import StatisticsRule
 from .projection import ProjectionCriterion
 from .selection import SelectionCriterion, validate_channel_ratio
 
-__all__ = ["CenterKernelConfig", "LayerSpec"]
+__all__ = ["CenterKernelConfig", "HeadConfig", "LayerSpec", "publish_options", "split_options"]
 
 LayerSpec = Union[Literal["auto", "all"], str, list[str]]
 
@@ -138,3 +144,120 @@ class CenterKernelConfig:
     def as_dict(self) -> dict:
         """Plain-value copy, safe for checkpoints and loggers."""
         return asdict(self)
+
+
+@dataclass
+class HeadConfig:
+    """The classifier-side options of both front doors (:class:`~lightning_cskl.avalanche.CSKLStrategy`,
+    :class:`~lightning_cskl.avalanche.CSKLPlugin`, :class:`~lightning_cskl.CenterKernelCallback`) and of ``cskl run``'s
+    ``strategy:`` section, written once; each door publishes them as keyword parameters of its own.
+
+    Args:
+        statistics_head: ``"lda"``, ``"ncm"`` or ``"qda"``: at the end of every task the head's input features of the
+            task's data update class statistics (:class:`~lightning_cskl.core.head.StatisticsHead`), and in eval mode
+            the head answers with their scores instead of its trained output; None: the trained head; ``"auto"``
+            (default): ``"qda"`` (per-class Gaussian statistics) for a model with one classifier head (class- and
+            domain-incremental), None for task-incremental models.
+        shrinkage: ε of the ``"lda"`` statistics head, α of the ``"qda"`` one (None: 1e-4 and 0.5).
+        head: qualified name of the classifier head (its input is the feature that statistics and prototypes
+            store); ``"auto"``: the door's choice (the last Avalanche classifier or ``nn.Linear``).
+        record_batches: batches of each task's data read at its end for the covariance, statistics and prototypes
+            (None: all).
+        prototype_replay: replay one mean feature per old class through the head in later tasks (METHOD.md §4):
+            ``"auto"`` (Avalanche door: on for single-head models, off for multi-task ones), True or False.
+        prototype_weight: weight of the prototype loss (10).
+        temperature: τ dividing the logits while prototypes are replayed (0.1).
+        carry: carry the stored class statistics and prototypes across each task's backbone update
+            (:mod:`lightning_cskl.core.drift`): at the task's end its data runs once more through the backbone as it
+            was before the task, a map from old to new features is fitted on those pairs, and the stored statistics
+            move through it before the task's own are merged: ``"affine"``, ``"shift"``, ``"sdc"``, or None (they
+            stay as measured).
+        distill_weight: weight of a feature-distillation term on the task's own data, ``weight · mean_n ‖f(x_n) −
+            f₀(x_n)‖²`` on the head's input, ``f₀`` the backbone before the task (one extra forward pass per step,
+            without gradient); 0 (default): off.
+
+    Example:
+        >>> HeadConfig(carry="affine").carry
+        'affine'
+        >>> HeadConfig(record_batches=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: record_batches=0 is not allowed: use None or an int >= 1
+    """
+
+    statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto"
+    shrinkage: Optional[float] = None
+    head: str = "auto"
+    record_batches: Optional[int] = None
+    prototype_replay: Union[Literal["auto"], bool] = "auto"
+    prototype_weight: float = 10.0
+    temperature: float = 0.1
+    carry: Optional[CarryKind] = None
+    distill_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        # the statistics head and the prototype memory check their own numbers when a door builds them
+        if not isinstance(self.head, str):
+            raise ValueError(f"head={self.head!r} is not allowed: use 'auto' or a qualified module name")
+        if self.record_batches is not None and (
+            isinstance(self.record_batches, bool) or not isinstance(self.record_batches, int) or self.record_batches < 1
+        ):
+            raise ValueError(f"record_batches={self.record_batches!r} is not allowed: use None or an int >= 1")
+        if self.prototype_replay not in ("auto", True, False):
+            raise ValueError(f"prototype_replay={self.prototype_replay!r} is not allowed: use 'auto', True or False")
+        validate_carry(self.carry)
+        self.distill_weight = validate_distill_weight(self.distill_weight)
+
+    def as_dict(self) -> dict:
+        """Plain-value copy, safe for checkpoints and loggers."""
+        return asdict(self)
+
+
+def publish_options(*configs: type, defaults: Optional[Mapping[str, Any]] = None) -> Callable[[Callable], Callable]:
+    """Decorate an ``__init__(self, ..., **options)`` so that its signature also lists every field of the
+    dataclasses ``configs`` as a keyword-only parameter (with its type and default; ``defaults`` overrides some
+    defaults for this door). Avalanche checks keyword names against the signature, and jsonargparse (LightningCLI,
+    ``cskl``) and IDEs read it, so each option is written once, in its dataclass. Parameters the function names
+    itself are kept (e.g. Avalanche's ``criterion``, the loss, beside the engine's ``projection_criterion``).
+
+    Example:
+        >>> @publish_options(HeadConfig, defaults={"prototype_replay": False})
+        ... def init(self, *, log_stats: bool = True, **options): ...
+        >>> inspect.signature(init).parameters["prototype_replay"].default
+        False
+    """
+    defaults = dict(defaults or {})
+
+    def decorate(init: Callable) -> Callable:
+        signature = inspect.signature(init)
+        params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        taken = {p.name for p in params}
+        for config in configs:
+            hints = typing.get_type_hints(config)  # real types, not strings, for CLI parsers
+            for field in dataclasses.fields(config):
+                if field.name in taken:
+                    continue
+                taken.add(field.name)
+                params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                                default=defaults.get(field.name, field.default),
+                                                annotation=hints.get(field.name, inspect.Parameter.empty)))
+        init.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        init._option_defaults = defaults  # type: ignore[attr-defined]
+        return init
+
+    return decorate
+
+
+def split_options(options: Mapping[str, Any], config: type,
+                  defaults: Optional[Mapping[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
+    """``config(**the fields of config in options, others from defaults)`` and the options left over.
+
+    Example:
+        >>> head, rest = split_options({"carry": "shift", "channel_ratio": 0.5}, HeadConfig)
+        >>> head.carry, rest
+        ('shift', {'channel_ratio': 0.5})
+    """
+    names = {f.name for f in dataclasses.fields(config)}
+    given = {**{k: v for k, v in (defaults or {}).items() if k in names},
+             **{k: v for k, v in options.items() if k in names}}
+    return config(**given), {k: v for k, v in options.items() if k not in names}

@@ -10,9 +10,12 @@ the current data, their stored statistics can follow it:
       min_A,b  ‖Y − X A − 1 bᵀ‖² + λ ‖A − I‖²,
 
   with ``λ`` chosen on held-out current samples from a scale-free grid (``λ = r · tr(XcᵀXc)/F`` for each ratio
-  ``r``); class means move as ``μ ← μ A + b`` and covariances as ``Σ ← Aᵀ Σ A``. One map fitted on current data is
-  the idea of learnable drift compensation (Gomez-Villa et al., ECCV 2024); here it is closed-form and also moves
-  the covariance.
+  ``r``); class means move as ``μ ← μ A + b`` and covariances as ``Σ ← Aᵀ Σ A + Σ_e``, where ``Σ_e`` is the
+  covariance of the map's residuals ``y − x A − b`` on the current data: what the update does to a sample that
+  no affine map of its old feature predicts still spreads every class (without it the carried covariances are
+  too narrow, which cost a per-class-covariance head most of its room, BENCHMARKS.md). One map fitted on current
+  data is the idea of learnable drift compensation (Gomez-Villa et al., ECCV 2024); here it is closed-form and
+  also moves the covariance.
 - ``"shift"``: the mean displacement ``b = mean(y − x)`` for every class, covariances kept.
 - ``"sdc"``: semantic drift compensation (Yu et al., CVPR 2020): each class mean moves by the displacements of the
   current samples, weighted by ``exp(−‖x − μ‖² / 2σ²)`` (σ² the median squared distance), covariances kept.
@@ -72,6 +75,7 @@ class DriftMap:
         kind: the carry rule that produced it.
         weight: ``A`` (None: the identity).
         bias: ``b`` ``(F,)`` (affine and shift).
+        noise: ``Σ_e`` ``(F, F)``, the residual covariance added to every carried covariance (affine; None: none).
         old, shifts: the current samples' old features and displacements (sdc only).
         ridge: the chosen ``λ`` relative to the features' scale (affine only).
         samples: samples the map was fitted on; ``dropped``: non-finite ones left out.
@@ -81,6 +85,7 @@ class DriftMap:
     kind: str
     weight: Optional[Tensor] = None
     bias: Optional[Tensor] = None
+    noise: Optional[Tensor] = None
     old: Optional[Tensor] = None
     shifts: Optional[Tensor] = None
     ridge: float = float("nan")
@@ -100,12 +105,24 @@ class DriftMap:
         out = means if self.weight is None else means @ self.weight
         return out + self.bias if self.bias is not None else out
 
-    def apply_scatter(self, scatter: Tensor) -> Tensor:
-        """A (within-class) covariance or scatter ``(F, F)`` (or ``(K, F, F)``) under the new backbone."""
-        if self.weight is None:
-            return scatter
-        a = self.weight.to(scatter.dtype)
-        return a.T @ scatter @ a
+    def apply_scatter(self, scatter: Tensor, counts: Optional[Tensor | float] = None) -> Tensor:
+        """A within-class scatter ``(F, F)`` (or ``(K, F, F)``) of ``counts`` samples (a number, or ``(K,)``)
+        under the new backbone: ``Aᵀ S A + n Σ_e``; without ``counts`` a covariance (``n = 1``)."""
+        out = scatter
+        if self.weight is not None:
+            a = self.weight.to(scatter.dtype)
+            out = a.T @ scatter @ a
+        if self.noise is not None:
+            n = torch.as_tensor(1.0 if counts is None else counts, dtype=scatter.dtype)
+            n = n[:, None, None] if n.dim() else n
+            out = out + n * self.noise.to(scatter.dtype)
+        return out
+
+
+def _residual_covariance(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    residual = y - x @ weight - bias
+    residual = residual - residual.mean(0)
+    return residual.T @ residual / max(len(x) - 1, 1)
 
 
 def _ridge_fit(x: Tensor, y: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
@@ -162,7 +179,8 @@ def fit_drift(old: Tensor, new: Tensor, kind: CarryKind = "affine", labels: Opti
         log.warning("%s: %s, the drift map is fitted with the ridge prior (λ ratio %g, held toward the identity)",
                     task, why, PRIOR_RATIO)
         weight, bias = _ridge_fit(x, y, PRIOR_RATIO)
-        return DriftMap(kind, weight=weight, bias=bias, ridge=PRIOR_RATIO, samples=n, dropped=dropped)
+        return DriftMap(kind, weight=weight, bias=bias, noise=_residual_covariance(x, y, weight, bias),
+                        ridge=PRIOR_RATIO, samples=n, dropped=dropped)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held = max(1, int(round(n * holdout)))
     test, train = order[:held], order[held:]
@@ -174,8 +192,8 @@ def fit_drift(old: Tensor, new: Tensor, kind: CarryKind = "affine", labels: Opti
         errors.append(error if math.isfinite(error) else float("inf"))
     best = RIDGE_RATIOS[min(range(len(errors)), key=errors.__getitem__)]
     weight, bias = _ridge_fit(x, y, best)
-    return DriftMap(kind, weight=weight, bias=bias, ridge=best, samples=n, dropped=dropped,
-                    residual=min(errors) / baseline)
+    return DriftMap(kind, weight=weight, bias=bias, noise=_residual_covariance(x, y, weight, bias), ridge=best,
+                    samples=n, dropped=dropped, residual=min(errors) / baseline)
 
 
 class DriftCarry:

@@ -253,7 +253,7 @@ class StatisticsHead:
 
     def carry(self, drift: "DriftMap") -> None:
         """Move the stored statistics across a backbone update (:func:`~lightning_cskl.core.drift.fit_drift`):
-        class means ``μ ← μ A + b``, the pooled scatter ``S ← Aᵀ S A``. Call it before the new task's statistics
+        class means ``μ ← μ A + b``, each scatter of ``n`` samples ``S ← Aᵀ S A + n Σ_e``. Call it before the new task's statistics
         are merged.
 
         Example:
@@ -266,9 +266,9 @@ class StatisticsHead:
         if not len(self):
             return
         self.means = drift.apply_means(self.means)
-        self.scatter = drift.apply_scatter(self.scatter)
+        self.scatter = drift.apply_scatter(self.scatter, self.counts.sum())
         if self.rule == "qda":
-            self.class_scatter = drift.apply_scatter(self.class_scatter)
+            self.class_scatter = drift.apply_scatter(self.class_scatter, self.counts)
         self._weights = self._precisions = None
 
     def covariance(self) -> Tensor:

@@ -50,6 +50,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 
 from .batchnorm import frozen_batchnorm_forward
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "CachePrecision", "PrefixCache", "PrefixCacheSetting", "PrefixStore",
+__all__ = ["DEFAULT_BUDGET_BYTES", "CachePrecision", "PrefixCache", "PrefixCacheConfig", "PrefixCacheSetting", "PrefixStore",
            "validate_prefix_cache", "validate_precision"]
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,35 @@ def validate_precision(value: Any) -> CachePrecision:
     if value not in PRECISIONS:
         raise ValueError(f"prefix_cache_precision={value!r} is not allowed: use one of {', '.join(PRECISIONS)}")
     return value
+
+
+@dataclass
+class PrefixCacheConfig:
+    """The prefix cache's options (:class:`~lightning_cskl.avalanche.CSKLStrategy`, :class:`~lightning_cskl.avalanche.CSKLPlugin`,
+    ``cskl run``'s ``strategy:`` section).
+
+    Args:
+        prefix_cache: compute the frozen prefix (every module before the lowest trained layer) once per
+            incremental task and train later epochs, and run the end-of-task pass, from its stored output: ``"on"``
+            (default, a budget of :data:`DEFAULT_BUDGET_BYTES`), ``"off"``, or a budget in bytes. Over budget, with
+            a sample that changes between epochs (random augmentation) or a prefix that trains, the task runs
+            uncached with a one-line notice.
+        prefix_cache_precision: storage of the prefix: ``"float32"`` (default; the results are the uncached
+            run's), ``"float16"`` or ``"int8"`` (a scale per sample and channel).
+
+    Example:
+        >>> PrefixCacheConfig(prefix_cache=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: prefix_cache=0 is not allowed: use 'on' (a budget of 2147483648 bytes), 'off', or a budget in bytes (an int > 0)
+    """
+
+    prefix_cache: PrefixCacheSetting = "on"
+    prefix_cache_precision: CachePrecision = "float32"
+
+    def __post_init__(self) -> None:
+        validate_prefix_cache(self.prefix_cache)
+        validate_precision(self.prefix_cache_precision)
 
 
 class PrefixStore:

@@ -1,9 +1,11 @@
 """Offline continual-learning data: Split Digits (bundled with scikit-learn) and Split Fashion-MNIST (local
 files), as task lists and as Avalanche benchmarks; domain-incremental and cross-dataset benchmarks (shifts)."""
 
-from .benchmarks import Scenario, split_digits_benchmark, split_fashion_mnist, tensor_benchmark
+from .benchmarks import split_cifar100, split_digits_benchmark, split_fashion_mnist
+from .download import DataNotFoundError
 from .digits import TaskData, split_digits
-from .fashion_mnist import DEBIAN_FASHION_MNIST, DataNotFoundError, load_fashion_mnist, prepare_fashion_mnist
+from .fashion_mnist import DEBIAN_FASHION_MNIST, load_fashion_mnist, prepare_fashion_mnist
+from .tensors import Scenario, tensor_benchmark
 from .shifts import (
     DEFAULT_DOMAINS,
     DOMAINS,
@@ -27,6 +29,7 @@ __all__ = [
     "load_fashion_mnist",
     "prepare_fashion_mnist",
     "shift_images",
+    "split_cifar100",
     "split_digits",
     "split_digits_benchmark",
     "split_digits_domains",

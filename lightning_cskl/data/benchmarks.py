@@ -1,100 +1,23 @@
-"""Avalanche benchmarks built offline: Split Digits (always there) and Split Fashion-MNIST (local files).
-
-Two scenarios (PROTOCOL.md):
-
-* ``"class"`` (class-incremental): experience 0 is a base session of ``base_classes`` classes, then
-  experiences of ``classes_per_exp`` new classes; one label space, no task label at test time.
-* ``"task"`` (task-incremental): experiences of ``classes_per_exp`` classes with task labels 0, 1, ...;
-  labels restart at 0 in every experience (one head per task).
-
-Avalanche is imported inside the builders, so ``lightning_cskl.data`` stays cheap to import.
+"""The class- and task-incremental benchmarks built offline: Split Digits (always there), Split Fashion-MNIST (local
+files) and Split CIFAR-100 (Avalanche's, where its files or a network exist). Each reads its data with a loader
+below it (:mod:`.digits`, :mod:`.fashion_mnist`) and ends in :func:`~lightning_cskl.data.tensors.tensor_benchmark`;
+:mod:`.build` picks the builder a run's options name.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
-from torch import Tensor
-from torch.utils.data import TensorDataset
 
 from .digits import split_digits
+from .download import DataNotFoundError, download_timeout
 from .fashion_mnist import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from .tensors import Scenario, tensor_benchmark
 
-__all__ = ["Scenario", "split_digits_benchmark", "split_fashion_mnist", "tensor_benchmark"]
-
-Scenario = Literal["class", "task"]
-
-
-class _LabeledTensors(TensorDataset):
-    """A TensorDataset of ``(image, label)`` with the ``targets`` list Avalanche reads."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        super().__init__(images, labels)
-        self.targets = labels.tolist()
-
-
-def _experience_sizes(num_classes: int, scenario: str, base_classes: Optional[int], classes_per_exp: int) -> list[int]:
-    if scenario not in ("class", "task"):
-        raise ValueError(f"scenario={scenario!r} is not allowed: use 'class' or 'task'")
-    if not isinstance(classes_per_exp, int) or classes_per_exp < 1:
-        raise ValueError(f"classes_per_exp={classes_per_exp!r} is not allowed: it must be an int >= 1")
-    first = classes_per_exp if base_classes is None else base_classes
-    if not isinstance(first, int) or not 1 <= first <= num_classes:
-        raise ValueError(f"base_classes={base_classes!r} is not allowed: it must be an int in [1, {num_classes}]")
-    rest = num_classes - first
-    if rest % classes_per_exp:
-        raise ValueError(
-            f"base_classes={first} and classes_per_exp={classes_per_exp} do not split {num_classes} classes: "
-            f"the {rest} classes after the first experience must be a multiple of classes_per_exp"
-        )
-    return [first] + [classes_per_exp] * (rest // classes_per_exp)
-
-
-def tensor_benchmark(
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-    scenario: Scenario = "class",
-    base_classes: Optional[int] = None,
-    classes_per_exp: int = 2,
-    class_order: Optional[list[int]] = None,
-):
-    """An Avalanche ``nc_benchmark`` from image and label tensors.
-
-    Args:
-        train: ``(images, labels)`` of the training data.
-        test: ``(images, labels)`` of the test data.
-        scenario: ``"class"`` or ``"task"`` (see the module docstring).
-        base_classes: classes of experience 0 (None: ``classes_per_exp``).
-        classes_per_exp: classes of each later experience.
-        class_order: order in which classes arrive (default: ascending labels).
-
-    Returns:
-        An Avalanche NCScenario with ``train_stream`` and ``test_stream``.
-
-    Raises:
-        ValueError: the class split does not add up, or a stream has no samples.
-    """
-    from avalanche.benchmarks import nc_benchmark
-
-    labels = sorted(set(train[1].tolist()))
-    if not labels or len(test[1]) == 0:
-        raise ValueError(
-            f"the benchmark has no data: {len(train[1])} training and {len(test[1])} test samples were given"
-        )
-    sizes = _experience_sizes(len(labels), scenario, base_classes, classes_per_exp)
-    per_exp_classes = {0: sizes[0]} if sizes[0] != classes_per_exp else None
-    return nc_benchmark(
-        _LabeledTensors(*train),
-        _LabeledTensors(*test),
-        n_experiences=len(sizes),
-        task_labels=scenario == "task",
-        shuffle=False,
-        fixed_class_order=list(class_order) if class_order is not None else labels,
-        per_exp_classes=per_exp_classes,
-        class_ids_from_zero_in_each_exp=scenario == "task",
-    )
+__all__ = ["split_cifar100", "split_digits_benchmark", "split_fashion_mnist"]
 
 
 def split_digits_benchmark(
@@ -165,3 +88,44 @@ def split_fashion_mnist(
         keep = keep.sort().values
         train_x, train_y = train_x[keep], train_y[keep]
     return tensor_benchmark((train_x, train_y), test, scenario, base_classes, classes_per_exp)
+
+
+def split_cifar100(root: Union[str, os.PathLike] = "data", scenario: Scenario = "class", base_classes: Optional[int] = 50,
+                   classes_per_exp: int = 10, download: bool = False, seed: int = 0):
+    """Avalanche's ``SplitCIFAR100`` from ``root/cifar-100-python`` (or downloaded, with ``download``): a base
+    session of 50 classes then experiences of ``classes_per_exp`` (``base_classes=50``), or equal experiences
+    (None); class order from ``seed``.
+
+    Raises:
+        ValueError: the class split is not allowed.
+        DataNotFoundError: the files are not there and cannot be downloaded.
+    """
+    from avalanche.benchmarks.classic import SplitCIFAR100
+
+    root = Path(root)
+    if base_classes not in (None, 50):
+        raise ValueError(f"base_classes={base_classes!r} is not allowed for cifar100: use 50 "
+                         "(Avalanche's half-classes base session) or null (equal experiences)")
+    rest = 50 if base_classes == 50 else 100
+    if rest % classes_per_exp:
+        raise ValueError(f"classes_per_exp={classes_per_exp} does not split the {rest} classes "
+                         f"{'after the base session ' if rest == 50 else ''}of CIFAR-100")
+    n_experiences = rest // classes_per_exp + (1 if base_classes == 50 else 0)
+    files = root / "cifar-100-python"
+    if not (files / "train").is_file() and not download:
+        raise DataNotFoundError(
+            f"CIFAR-100 is not in {files}: put the extracted python version of CIFAR-100 "
+            f"(cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) under {root}, or pass "
+            "--data.download true where a network exists"
+        )
+    task = scenario == "task"
+    try:
+        with download_timeout():
+            return SplitCIFAR100(
+                n_experiences, first_exp_with_half_classes=base_classes == 50, return_task_id=task,
+                seed=seed, class_ids_from_zero_in_each_exp=task, class_ids_from_zero_from_first_exp=not task,
+                dataset_root=str(root),
+            )
+    except OSError as error:  # URLError, socket errors, a truncated archive
+        raise DataNotFoundError(f"CIFAR-100 could not be downloaded into {root} ({error}); put the extracted "
+                                f"cifar-100-python folder under {root} instead") from None

@@ -1,52 +1,21 @@
 """The Avalanche benchmark a run's :class:`~lightning_cskl.options.DataOptions` describe: the built-in offline
-ones, CIFAR-100, or any ``module:function``."""
+ones, CIFAR-100, or any ``module:function``.
+
+The package reads one way down: options -> builder -> loader. This module only picks the builder
+(:mod:`.benchmarks`: class and task splits; :mod:`.shifts`: domain-incremental and cross-dataset); each builder
+reads its data with a loader (:mod:`.digits`, :mod:`.fashion_mnist`) and ends in :mod:`.tensors`.
+"""
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
 from ..options import DataOptions, UsageError
-from .download import download_timeout
 
 __all__ = ["BUILTIN_BENCHMARKS", "build_benchmark", "input_channels"]
 
 BUILTIN_BENCHMARKS = ("digits", "fashion_mnist", "fashion_digits", "cifar100")
-
-
-def _cifar100(options: DataOptions):
-    from avalanche.benchmarks.classic import SplitCIFAR100
-
-    from .fashion_mnist import DataNotFoundError
-
-    root = Path(options.root)
-    if options.base_classes not in (None, 50):
-        raise UsageError(f"data.base_classes={options.base_classes!r} is not allowed for cifar100: use 50 "
-                         "(Avalanche's half-classes base session) or null (equal experiences)")
-    rest = 50 if options.base_classes == 50 else 100
-    if rest % options.classes_per_exp:
-        raise UsageError(f"data.classes_per_exp={options.classes_per_exp} does not split the {rest} classes "
-                         f"{'after the base session ' if rest == 50 else ''}of CIFAR-100")
-    n_experiences = rest // options.classes_per_exp + (1 if options.base_classes == 50 else 0)
-    files = root / "cifar-100-python"
-    if not (files / "train").is_file() and not options.download:
-        raise DataNotFoundError(
-            f"CIFAR-100 is not in {files}: put the extracted python version of CIFAR-100 "
-            f"(cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) under {root}, or pass "
-            "--data.download true where a network exists"
-        )
-    task = options.scenario == "task"
-    try:
-        with download_timeout():
-            return SplitCIFAR100(
-                n_experiences, first_exp_with_half_classes=options.base_classes == 50, return_task_id=task,
-                seed=options.seed, class_ids_from_zero_in_each_exp=task, class_ids_from_zero_from_first_exp=not task,
-                dataset_root=str(root),
-            )
-    except OSError as error:  # URLError, socket errors, a truncated archive
-        raise DataNotFoundError(f"CIFAR-100 could not be downloaded into {root} ({error}); put the extracted "
-                                f"cifar-100-python folder under {root} instead") from None
 
 
 def _custom_benchmark(spec: str):
@@ -70,7 +39,7 @@ def build_benchmark(options: DataOptions):
         DataNotFoundError: the data is not on disk (the message says how to get it).
         UsageError: an option is not allowed.
     """
-    from .benchmarks import split_digits_benchmark, split_fashion_mnist
+    from .benchmarks import split_cifar100, split_digits_benchmark, split_fashion_mnist
     from .fashion_mnist import DEBIAN_FASHION_MNIST
     from .shifts import fashion_digits_benchmark, fashion_mnist_domains, split_digits_domains
 
@@ -102,7 +71,8 @@ def build_benchmark(options: DataOptions):
                                        download=options.download, train_per_class=options.train_per_class,
                                        source=source)
         if options.benchmark == "cifar100":
-            return _cifar100(options)
+            return split_cifar100(options.root, options.scenario, options.base_classes, options.classes_per_exp,
+                                  download=options.download, seed=options.seed)
     except ValueError as error:  # a class split or option the builder refused; DataNotFoundError is no ValueError
         raise UsageError(f"data: {error}") from None
     if ":" in options.benchmark:

@@ -6,7 +6,11 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["DOWNLOAD_TIMEOUT_S", "download_timeout"]
+__all__ = ["DOWNLOAD_TIMEOUT_S", "DataNotFoundError", "download_timeout"]
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set is not on disk and cannot be prepared from local files."""
+
 
 #: seconds a download may wait on the network before it fails
 DOWNLOAD_TIMEOUT_S = 30.0

@@ -23,16 +23,12 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .download import download_timeout
+from .download import DataNotFoundError, download_timeout
 
 __all__ = ["DEBIAN_FASHION_MNIST", "DataNotFoundError", "load_fashion_mnist", "prepare_fashion_mnist"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A data set is not on disk and cannot be prepared from local files."""
 
 
 def _how_to_get(root: Path, source: Union[str, os.PathLike] = DEBIAN_FASHION_MNIST) -> str:

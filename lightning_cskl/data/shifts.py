@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .benchmarks import _LabeledTensors, tensor_benchmark
 from .digits import split_digits
 from .fashion_mnist import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from .tensors import LabeledTensors, tensor_benchmark
 
 __all__ = [
     "DEFAULT_DOMAINS",
@@ -242,8 +242,8 @@ def domain_benchmark(
     for i, domain in enumerate(domains):
         idx = torch.cat(shares[i]).sort().values
         train_images = shift_images(train_x[idx], domain, _generator(seed, _TRAIN, i))
-        train_sets.append(_LabeledTensors(train_images, train_y[idx]))
-        test_sets.append(_LabeledTensors(shift_images(test_x, domain, _generator(seed, _TEST, i)), test_y.clone()))
+        train_sets.append(LabeledTensors(train_images, train_y[idx]))
+        test_sets.append(LabeledTensors(shift_images(test_x, domain, _generator(seed, _TEST, i)), test_y.clone()))
     benchmark = dataset_benchmark(train_sets, test_sets)
     benchmark.domains = domains
     return benchmark

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import lightning.pytorch as L
 import torch
@@ -14,8 +14,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
-from ..core.drift import CarryKind, DriftCarry, feature_distillation, validate_carry, validate_distill_weight
-from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead, StatisticsRule
+from ..core.config import HeadConfig, publish_options, split_options
+from ..core.drift import DriftCarry, feature_distillation
+from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead
 from ..core.learner import IDLE, SCORING, TRAINING
 from ..core.prototypes import PrototypeMemory
 
@@ -102,35 +103,21 @@ class CenterKernelCallback(Callback):
         forward_fn: ``(module, batch) -> output`` used for the covariance pass at the end of a task;
             the default calls the module on the batch's first element.
         log_stats: log per layer the selected channels and free-subspace dimension through the loggers.
-        statistics_head: ``"lda"``, ``"ncm"`` or ``"qda"``: at the end of every task the head's input features of the
-            task's training data update class statistics (:class:`~lightning_cskl.core.head.StatisticsHead`),
-            and in eval mode (validation, test, predict, or ``model.eval()`` and a plain call, also after the
-            fit) the head answers with their scores instead of its trained output (a forward hook attached at
-            ``setup``; :meth:`detach_statistics` removes it); None: the trained head; ``"auto"`` (default):
-            ``"qda"`` when the module has exactly one ``nn.Linear`` (one classifier head, class- or
-            domain-incremental), else None (several heads, task-incremental, or an MLP head: give ``head=``).
-        head: qualified name of the classifier head in the LightningModule (``"auto"``: its last
-            ``nn.Linear``); used by the statistics head.
-        target_fn: ``batch -> labels`` for the statistics head (default: :func:`default_batch_target`).
-        shrinkage: ε of the ``"lda"`` statistics head, α of the ``"qda"`` one (None: 1e-4 and 0.5).
-        record_batches: batches of the training loader read at the end of a task for the covariance and the
-            statistics (None: as many as the Trainer's ``limit_train_batches`` allows; a loader without a
-            length, such as an infinite ``IterableDataset``, then needs ``record_batches``).
-        prototype_replay: keep one mean head-input feature per class of every finished task and, in every later
-            task, add ``τ · prototype_weight · CE(head(p) / τ, y_p)`` on prototypes drawn from old classes to the
-            loss the module's ``training_step`` returns (:class:`~lightning_cskl.core.prototypes.PrototypeMemory`;
-            as many prototypes as the batch has samples). The task's own term stays the module's loss (the
-            Avalanche door also divides its logits by τ, which a callback cannot do to a user's loss).
-        prototype_weight, temperature: of the prototype replay (10 and τ = 0.1, the research code's).
-        carry: carry the stored class statistics (and prototypes) across each task's update, as
-            :class:`~lightning_cskl.avalanche.CSKLPlugin` does: the end-of-task pass runs each batch once more
-            through the backbone as it was before the task, a map from old to new head-input features is fitted on
-            those pairs (``"affine"``, ``"shift"`` or ``"sdc"``; :mod:`lightning_cskl.core.drift`), and the stored
-            statistics move through it before the task's own are merged. None: they stay as measured.
-        distill_weight: weight of a feature-distillation term on the task's own batches, added to the loss the
-            module's ``training_step`` returns: ``weight · mean_n ‖f(x_n) − f₀(x_n)‖²`` on the head's input,
-            ``f₀`` the backbone before the task (one extra forward without gradient per step, through
-            ``forward_fn``); 0 (default): off.
+        target_fn: ``batch -> labels`` for the statistics head and prototypes (default:
+            :func:`default_batch_target`).
+        **options: the fields of :class:`~lightning_cskl.core.HeadConfig` and of
+            :class:`~lightning_cskl.core.CenterKernelConfig`, which document them (all published in this signature).
+            In this door: ``statistics_head`` updates the statistics from the task's training loader at
+            ``on_train_end``, and the head answers with their scores in eval mode (validation, test, predict, or
+            ``model.eval()`` and a plain call, also after the fit; a forward hook attached at ``setup``,
+            :meth:`detach_statistics` removes it); its ``"auto"`` (default) is ``"qda"`` when the module has
+            exactly one ``nn.Linear`` (one classifier head), else None (give ``head=``). ``head="auto"`` is the
+            module's last ``nn.Linear``. ``record_batches`` None reads as many batches as the Trainer's
+            ``limit_train_batches`` allows (an endless loader needs ``record_batches``). ``prototype_replay`` is
+            True or False (default): it adds ``τ · prototype_weight · CE(head(p) / τ, y_p)`` on old-class
+            prototypes to the loss the module's ``training_step`` returns (the Avalanche door also divides the
+            task's own logits by τ, which a callback cannot do to a user's loss). ``distill_weight`` adds its term
+            to that loss too, through ``forward_fn``.
 
     Example:
         >>> cb = CenterKernelCallback(channel_ratio=0.75)
@@ -138,48 +125,36 @@ class CenterKernelCallback(Callback):
         >>> #     trainer = L.Trainer(max_epochs=5, callbacks=[cb]); trainer.fit(model, task_loader)
     """
 
+    @publish_options(HeadConfig, CenterKernelConfig, defaults={"prototype_replay": False})
     def __init__(
         self,
         config: Optional[CenterKernelConfig] = None,
         *,
         forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
         log_stats: bool = True,
-        statistics_head: Union[Literal["auto"], StatisticsRule, None] = "auto",
-        head: str = "auto",
         target_fn: Optional[Callable[[Any], Tensor]] = None,
-        shrinkage: Optional[float] = None,
-        record_batches: Optional[int] = None,
-        prototype_replay: bool = False,
-        prototype_weight: float = 10.0,
-        temperature: float = 0.1,
-        carry: Optional[CarryKind] = None,
-        distill_weight: float = 0.0,
         **options: Any,
     ) -> None:
-        self.learner = CenterKernelLearner(config, **options)
-        self.carry = validate_carry(carry)
-        self._drift = DriftCarry(carry) if carry is not None else None
-        self.distill_weight = validate_distill_weight(distill_weight)
+        self.options, engine_options = split_options(options, HeadConfig, defaults={"prototype_replay": False})
+        self.learner = CenterKernelLearner(config, **engine_options)
+        o = self.options
+        self.carry = o.carry
+        self._drift = DriftCarry(o.carry) if o.carry is not None else None
+        self.distill_weight = o.distill_weight
         self.distill_loss: Optional[Tensor] = None  # the last step's term
-        if not isinstance(prototype_replay, bool):
-            raise ValueError(f"prototype_replay={prototype_replay!r} is not allowed: use True or False")
-        self.prototype_replay = prototype_replay
-        self.memory = PrototypeMemory(prototype_weight, temperature, seed=self.learner.config.seed)
+        if not isinstance(o.prototype_replay, bool):
+            raise ValueError(f"prototype_replay={o.prototype_replay!r} is not allowed here: use True or False")
+        self.prototype_replay = o.prototype_replay
+        self.memory = PrototypeMemory(o.prototype_weight, o.temperature, seed=self.learner.config.seed)
         self._replay_module: Optional[torch.nn.Module] = None
-        if record_batches is not None and (
-            isinstance(record_batches, bool) or not isinstance(record_batches, int) or record_batches < 1
-        ):
-            raise ValueError(f"record_batches={record_batches!r} is not allowed: use None or an int >= 1")
-        self.record_batches = record_batches
+        self.record_batches = o.record_batches
         self._aborted = False
         self.forward_fn = forward_fn or _default_forward
         self.log_stats = log_stats
-        self.statistics_head = statistics_head  # as asked; "auto" is resolved per module at setup
-        rule = DEFAULT_STATISTICS_RULE if statistics_head == "auto" else statistics_head
-        self.statistics = StatisticsHead(rule, shrinkage) if rule is not None else None
-        if not isinstance(head, str):
-            raise ValueError(f"head={head!r} is not allowed: use 'auto' or a qualified module name")
-        self.head = head
+        self.statistics_head = o.statistics_head  # as asked; "auto" is resolved per module at setup
+        rule = DEFAULT_STATISTICS_RULE if o.statistics_head == "auto" else o.statistics_head
+        self.statistics = StatisticsHead(rule, o.shrinkage) if rule is not None else None
+        self.head = o.head
         self.target_fn = target_fn or default_batch_target
         self._optimizer_handles: list[Any] = []
         self._statistics_handle: Any = None
