@@ -242,7 +242,6 @@ def publish_options(*configs: type, defaults: Optional[Mapping[str, Any]] = None
                                                 default=defaults.get(field.name, field.default),
                                                 annotation=hints.get(field.name, inspect.Parameter.empty)))
         init.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        init._option_defaults = defaults  # type: ignore[attr-defined]
         return init
 
     return decorate

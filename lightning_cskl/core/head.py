@@ -253,8 +253,8 @@ class StatisticsHead:
 
     def carry(self, drift: "DriftMap") -> None:
         """Move the stored statistics across a backbone update (:func:`~lightning_cskl.core.drift.fit_drift`):
-        class means ``μ ← μ A + b``, each scatter of ``n`` samples ``S ← Aᵀ S A + n Σ_e``. Call it before the new task's statistics
-        are merged.
+        class means ``μ ← μ A + b``, each scatter of ``n`` samples ``S ← Aᵀ S A + n Σ_e``. Call it before the new
+        task's statistics are merged.
 
         Example:
             >>> from lightning_cskl.core.drift import DriftMap
