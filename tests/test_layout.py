@@ -94,8 +94,8 @@ def test_the_learner_leaves_layer_resolution_to_core_layers():
 
 
 def test_the_method_options_are_written_once_and_every_door_publishes_them():
-    """HeadConfig and CenterKernelConfig hold the options; both doors' signatures and cskl run's sections derive
-    from them (same names, same defaults, apart from the callback's prototype_replay=False)."""
+    """HeadConfig, PrefixCacheConfig and CenterKernelConfig hold the options; both doors' signatures and cskl run's
+    sections derive from them (same names, same defaults, apart from the callback's prototype_replay=False)."""
     import dataclasses
     import inspect
 
@@ -110,7 +110,7 @@ def test_the_method_options_are_written_once_and_every_door_publishes_them():
 
     avalanche = fields(HeadConfig, PrefixCacheConfig, CenterKernelConfig)
     for door, own, published in ((CSKLStrategy, {}, avalanche), (CSKLPlugin, {}, avalanche),
-                                 (CenterKernelCallback, {"prototype_replay": False}, fields(HeadConfig, CenterKernelConfig))):
+                                 (CenterKernelCallback, {"prototype_replay": False}, avalanche)):
         parameters = inspect.signature(door.__init__).parameters
         for name, default in published.items():
             if door is CSKLStrategy and name == "criterion":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ from ..core.config import HeadConfig, publish_options, split_options
 from ..core.drift import DriftCarry, feature_distillation
 from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead
 from ..core.learner import IDLE, SCORING, TRAINING
+from ..core.prefix_cache import PrefixCache, PrefixCacheConfig
 from ..core.prototypes import PrototypeMemory
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
@@ -66,6 +68,15 @@ def _default_forward(module: torch.nn.Module, batch: Any) -> Any:
     return module(default_batch_input(batch))
 
 
+def _dataset_size(loader: Any) -> Optional[int]:
+    """Samples in the dataset of the training loader (None: several loaders, or a dataset without a length)."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an IterableDataset without __len__
+        return None
+
+
 def _last_linear(module: torch.nn.Module) -> str:
     names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
     if not names:
@@ -97,6 +108,15 @@ class CenterKernelCallback(Callback):
 
     The first task trains all parameters (``first_task="full"``, the base session) unless told otherwise.
 
+    Prefix cache (:mod:`lightning_cskl.core.prefix_cache`): during an incremental task every module below the lowest
+    trained layer is frozen, so with ``index_fn`` (each batch's sample indices in the task's training dataset) the
+    first epoch stores that prefix's output per sample and later epochs and the ``on_train_end`` pass start from
+    it, with the uncached run's results (``prefix_cache_precision="float32"``). The dataset must hand out the same
+    sample at the same index every epoch, without random augmentation (checked once per epoch: a sample that
+    changed switches the cache off for the task, with a log line), and the training loader's dataset must have a
+    length (its ``len`` sizes the store; the index is the position in the whole dataset, also under DDP). Without
+    ``index_fn`` nothing is cached (one info line if ``prefix_cache`` was given); the base session never is.
+
     Args:
         config: a :class:`~lightning_cskl.core.CenterKernelConfig`; or give its fields as keyword options.
             Layer names are qualified names inside the LightningModule (e.g. ``"net.layer4.1.conv2"``).
@@ -105,8 +125,14 @@ class CenterKernelCallback(Callback):
         log_stats: log per layer the selected channels and free-subspace dimension through the loggers.
         target_fn: ``batch -> labels`` for the statistics head and prototypes (default:
             :func:`default_batch_target`).
-        **options: the fields of :class:`~lightning_cskl.core.HeadConfig` and of
-            :class:`~lightning_cskl.core.CenterKernelConfig`, which document them (all published in this signature).
+        index_fn: ``batch -> indices``: one integer per sample, its position in the training loader's dataset
+            (e.g. ``lambda batch: batch[-1]`` for a dataset returning ``(x, y, index)``; the module's
+            ``training_step`` ignores it). It turns the prefix cache on (``prefix_cache="on"``, the default);
+            None (default): no cache.
+        **options: the fields of :class:`~lightning_cskl.core.HeadConfig`, of
+            :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig` (``prefix_cache``, ``prefix_cache_precision``)
+            and of :class:`~lightning_cskl.core.CenterKernelConfig`, which document them (all published in this
+            signature).
             In this door: ``statistics_head`` updates the statistics from the task's training loader at
             ``on_train_end``, and the head answers with their scores in eval mode (validation, test, predict, or
             ``model.eval()`` and a plain call, also after the fit; a forward hook attached at ``setup``,
@@ -123,9 +149,11 @@ class CenterKernelCallback(Callback):
         >>> cb = CenterKernelCallback(channel_ratio=0.75)
         >>> # for task in tasks:
         >>> #     trainer = L.Trainer(max_epochs=5, callbacks=[cb]); trainer.fit(model, task_loader)
+        >>> # with the prefix cache, the loader's batches being (x, y, index):
+        >>> cb = CenterKernelCallback(index_fn=lambda batch: batch[-1])
     """
 
-    @publish_options(HeadConfig, CenterKernelConfig, defaults={"prototype_replay": False})
+    @publish_options(HeadConfig, PrefixCacheConfig, CenterKernelConfig, defaults={"prototype_replay": False})
     def __init__(
         self,
         config: Optional[CenterKernelConfig] = None,
@@ -133,10 +161,19 @@ class CenterKernelCallback(Callback):
         forward_fn: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
         log_stats: bool = True,
         target_fn: Optional[Callable[[Any], Tensor]] = None,
+        index_fn: Optional[Callable[[Any], Tensor]] = None,
         **options: Any,
     ) -> None:
-        self.options, engine_options = split_options(options, HeadConfig, defaults={"prototype_replay": False})
+        self.options, rest = split_options(options, HeadConfig, defaults={"prototype_replay": False})
+        cache, engine_options = split_options(rest, PrefixCacheConfig)
         self.learner = CenterKernelLearner(config, **engine_options)
+        self.prefix_cache = PrefixCache(cache.prefix_cache, cache.prefix_cache_precision)
+        self.index_fn = index_fn
+        self._cache_batch = contextlib.ExitStack()  # the prefix cache's hooks around the current training batch
+        if index_fn is None and self.prefix_cache.enabled and "prefix_cache" in options:
+            rank_zero_info(f"CenterKernelCallback: prefix_cache={cache.prefix_cache!r} is not used: the callback "
+                           "cannot tell which samples a batch holds; give index_fn=lambda batch: <their indices in "
+                           "the task's training dataset>")
         o = self.options
         self.carry = o.carry
         self._drift = DriftCarry(o.carry) if o.carry is not None else None
@@ -211,6 +248,7 @@ class CenterKernelCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record_limit(trainer)  # an endless loader without record_batches fails now, not after the task
         self._start_replay(pl_module)
+        self._begin_cache(trainer, pl_module)
         remaining = self.config.score_batches - self.learner.scored_batches
         if self.learner.phase == SCORING and trainer.estimated_stepping_batches <= remaining:
             rank_zero_warn(
@@ -228,9 +266,23 @@ class CenterKernelCallback(Callback):
         self.learner.before_update()
 
     @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.prefix_cache.new_pass()
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._cache_batch.close()
+        if self.prefix_cache.active:
+            # `run` is the cut's probe on the task's first batch: the module's forward on this batch
+            self._cache_batch.enter_context(
+                self.prefix_cache.batch(self._batch_index(batch), lambda: self.forward_fn(pl_module, batch)))
+
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._cache_batch.close()  # after the backward and the optimizer step, which run no forward
         if self.learner.new_selection:
             self._log_selection(trainer)
 
@@ -238,6 +290,12 @@ class CenterKernelCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_optimizer_hooks()
         self._stop_replay()
+        self._cache_batch.close()
+        # the pass reads the stored prefix where the check of its first batch allows (no cut is searched for
+        # here: the probe's passes would be recorded)
+        cached = self.prefix_cache.active and self.prefix_cache.cut is not None
+        if cached:
+            self.prefix_cache.new_pass()
         loader = trainer.train_dataloader
         device = pl_module.device
         features: list[Tensor] = []
@@ -260,25 +318,27 @@ class CenterKernelCallback(Callback):
                     break
                 # the Trainer's own input conversion (a `*-true` precision casts the model, and so the inputs)
                 batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, device))
-                features.clear()
-                self.forward_fn(pl_module, batch)
-                if not (records and features):
-                    continue
-                new, target = features[-1], self.target_fn(batch)
-                moments.add(new, target)
-                if statistics_moments is not None:
-                    statistics_moments.add(new, target)
-                if pairs:
+                with self.prefix_cache.batch(self._batch_index(batch), None) if cached else contextlib.nullcontext():
                     features.clear()
-                    with self._drift.timed(), self.learner.task_start_weights():
-                        self.forward_fn(pl_module, batch)
-                    self._drift.add(features[-1], new, target)
+                    self.forward_fn(pl_module, batch)
+                    if not (records and features):
+                        continue
+                    new, target = features[-1], self.target_fn(batch)
+                    moments.add(new, target)
+                    if statistics_moments is not None:
+                        statistics_moments.add(new, target)
+                    if pairs:
+                        features.clear()
+                        with self._drift.timed(), self.learner.task_start_weights():
+                            self.forward_fn(pl_module, batch)
+                        self._drift.add(features[-1], new, target)
 
         try:
             self.learner.end_task(run_forward)
         finally:
             if capture is not None:
                 capture.remove()
+            self.release_cache()
         if records:
             # a rank that saw no sample still takes part in the reduction, with the head's input size
             size = moments.sums.shape[1] if moments.sums is not None else getattr(self.head_module(pl_module),
@@ -292,6 +352,34 @@ class CenterKernelCallback(Callback):
             if self.prototype_replay:
                 self.memory.add_moments(moments)
         rank_zero_info(f"CenterKernelCallback: task {self.learner.tasks_seen} done, branches folded back")
+
+    def _begin_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start this task's prefix cache, after the branches are attached (the cut is found among their layers)."""
+        self.release_cache()
+        if not self.prefix_cache.enabled or self.index_fn is None or self.learner.is_base_task:
+            return
+        size = _dataset_size(trainer.train_dataloader)
+        if size is None:
+            rank_zero_info("CenterKernelCallback: prefix cache off for this task: the training loader's dataset has "
+                           "no length (an IterableDataset, or several training loaders), so the store cannot be "
+                           "sized; the task runs uncached")
+            return
+        self.prefix_cache.begin_task(pl_module, list(self.learner.layers), size)
+
+    def _batch_index(self, batch: Any) -> Tensor:
+        """``index_fn(batch)``, checked: one integer per sample."""
+        index = self.index_fn(batch)
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point() or index.is_complex():
+            what = (f"a tensor of shape {tuple(index.shape)} and dtype {index.dtype}" if isinstance(index, Tensor)
+                    else f"a {type(index).__name__}")
+            raise ValueError(f"index_fn returned {what}: it must return a 1-D integer tensor, each sample's position "
+                             "in the task's training dataset")
+        return index
+
+    def release_cache(self) -> None:
+        """Undo the prefix cache's hooks around the current batch and free its store (task end, exceptions)."""
+        self._cache_batch.close()
+        self.prefix_cache.end_task()
 
     def _record_limit(self, trainer: L.Trainer) -> float:
         """Batches the end-of-task pass reads: ``record_batches``, within the Trainer's ``limit_train_batches``."""
@@ -308,6 +396,7 @@ class CenterKernelCallback(Callback):
         # this hook) can resume the task; the next setup starts a fresh task unless that checkpoint is loaded
         self._remove_optimizer_hooks()
         self._stop_replay()
+        self.release_cache()
         self.learner.suspend()
         self._aborted = True
 
@@ -315,6 +404,7 @@ class CenterKernelCallback(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_optimizer_hooks()
         self._stop_replay()
+        self.release_cache()
         if stage == "fit" and self.learner.model is not None and self.learner.phase != IDLE and not self._aborted:
             # the fit ended without training (an empty loader, max_steps=0): Lightning never called on_train_end
             rank_zero_warn("CenterKernelCallback: the fit ended before training ended (an empty training loader?): "

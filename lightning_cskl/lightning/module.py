@@ -64,7 +64,7 @@ class TaskClassifier(L.LightningModule):
         return self.heads[0](features)
 
     def _logits_and_targets(self, batch: Any, seen_tasks: int) -> tuple[Tensor, Tensor]:
-        x, y, t = batch
+        x, y, t = batch[0], batch[1], batch[2]  # later elements (a sample index) are not the model's
         if self.scenario == "task":
             return self(x, t), y - self.k * t
         logits = self(x).clone()
