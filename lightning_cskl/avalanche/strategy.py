@@ -17,7 +17,8 @@ after_training_exp             ``end_task``: center-input covariance of the expe
 Class-incremental runs with one expanding head add the prototype replay of METHOD.md §4
 (:class:`~lightning_cskl.core.prototypes.PrototypeMemory`): the loss is taken on the logits divided by τ and a
 loss on old-class prototypes passed through the head is added before backward; and, by default, they are
-evaluated with an LDA statistics head (:class:`~lightning_cskl.core.head.StatisticsHead`) of the head's input.
+evaluated with a statistics head (:class:`~lightning_cskl.core.head.StatisticsHead`, QDA by default) of the
+head's input.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing_extensions import override
 from ..core import CenterKernelConfig, CenterKernelLearner, resolve_layers
 from ..core.config import HeadConfig, publish_options, split_options
 from ..core.drift import DriftCarry, feature_distillation
-from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead, StatisticsRule
+from ..core.head import ClassMoments, StatisticsHead, StatisticsRule
 from ..core.layers import resolve_train_also
 from ..core.learner import IDLE, SCORING, TRAINING
 from ..core.prefix_cache import PrefixCache, PrefixCacheConfig
@@ -309,22 +310,20 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         self.options, options = split_options(options, HeadConfig)
         cache, engine_options = split_options(options, PrefixCacheConfig)
         self.learner = CenterKernelLearner(config, **engine_options)
-        self.prefix_cache = PrefixCache(cache.prefix_cache, cache.prefix_cache_precision)
+        self.prefix_cache = cache.build()
         self._cache_size: Optional[int] = None  # samples of this experience's indexed dataset (None: not indexed)
-        self._cache_batch = contextlib.ExitStack()
         o = self.options
         self.carry = o.carry
-        self._drift = DriftCarry(o.carry) if o.carry is not None else None
+        self._drift = o.drift()
         self.distill_weight = o.distill_weight
         self._distill_handle: Any = None
         self._distill_features: list[torch.Tensor] = []
         self._distill_old: Optional[torch.Tensor] = None
         self.distill_loss: Optional[torch.Tensor] = None  # the last step's term, for loggers and tests
         self.statistics_head = o.statistics_head
-        rule = DEFAULT_STATISTICS_RULE if o.statistics_head == "auto" else o.statistics_head
-        self.statistics = StatisticsHead(rule, o.shrinkage) if rule is not None else None
+        self.statistics = o.statistics()
         self.prototype_replay = o.prototype_replay
-        self.memory = PrototypeMemory(o.prototype_weight, o.temperature, seed=self.learner.config.seed)
+        self.memory = o.prototypes(seed=self.learner.config.seed)
         self.head = o.head
         self.record_batches = o.record_batches
         self._optimizer_handle: Any = None
@@ -399,18 +398,13 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         self._begin_cache(strategy)
 
     def _begin_cache(self, strategy: SupervisedTemplate) -> None:
-        self.release_cache()
+        self.prefix_cache.end_task()
         if not self.prefix_cache.enabled or self.learner.is_base_task:
             return
         # a plugin after this one may have swapped the dataset for one without the index (a replay buffer)
         if not hasattr(strategy.adapted_dataset, SAMPLE_INDEX):
             self._cache_size = None
         self.prefix_cache.begin_task(strategy.model, list(self.learner.layers), self._cache_size)
-
-    def release_cache(self) -> None:
-        """Undo the prefix cache's hooks of the current batch and free its store (after an exception)."""
-        self._cache_batch.close()
-        self.prefix_cache.end_task()
 
     @override
     def before_training_epoch(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -422,12 +416,11 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         samples = None
         if self._cache_size is not None and isinstance(strategy.mbatch, list) and len(strategy.mbatch) > 1:
             samples = strategy.mbatch.pop()
-        self._cache_batch.close()
-        self._cache_batch.enter_context(self.prefix_cache.batch(samples, strategy.forward))
+        self.prefix_cache.open_batch(samples, strategy.forward)
 
     @override
     def after_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
-        self._cache_batch.close()
+        self.prefix_cache.close_batch()
 
     @override
     def before_forward(self, strategy: SupervisedTemplate, *args: Any, **kwargs: Any) -> None:
@@ -492,12 +485,12 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         pairs = self._drift is not None and head is not None and self.learner.phase == TRAINING
         before = self._drift.timing(self.learner.task_start_weights) if pairs else None
         self._begin_feature_collection()
-        self._cache_batch.close()
+        self.prefix_cache.close_batch()
         try:
             self.learner.end_task(lambda: record_pass(strategy, self.record_batches, head, self._collect_features,
                                                       before, self.prefix_cache))
         finally:
-            self.release_cache()
+            self.prefix_cache.end_task()
         self._end_feature_collection(_experience_name(strategy.experience))
 
     def _remove_optimizer_hooks(self) -> None:
@@ -599,7 +592,7 @@ class CSKLStrategy(SupervisedTemplate):
         try:
             return super().train(*args, **kwargs)
         except BaseException:
-            self.cskl.release_cache()
+            self.cskl.prefix_cache.end_task()
             self.cskl.learner.suspend()
             raise
 

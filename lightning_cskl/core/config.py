@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional, Union
 
 from .center import validate_elements, validate_gradient_filter
-from .drift import CarryKind, validate_carry, validate_distill_weight
-from .head import StatisticsRule
+from .drift import CarryKind, DriftCarry, validate_carry, validate_distill_weight
+from .head import DEFAULT_STATISTICS_RULE, StatisticsHead, StatisticsRule
 from .projection import ProjectionCriterion
+from .prototypes import PrototypeMemory
 from .selection import SelectionCriterion, validate_channel_ratio
 
 __all__ = ["CenterKernelConfig", "HeadConfig", "LayerSpec", "publish_options", "split_options"]
@@ -211,6 +212,20 @@ class HeadConfig:
     def as_dict(self) -> dict:
         """Plain-value copy, safe for checkpoints and loggers."""
         return asdict(self)
+
+    def statistics(self) -> Optional[StatisticsHead]:
+        """The statistics head these options ask for, or None (``"auto"``:
+        :data:`~lightning_cskl.core.head.DEFAULT_STATISTICS_RULE`; a door that finds a multi-task model drops it)."""
+        rule = DEFAULT_STATISTICS_RULE if self.statistics_head == "auto" else self.statistics_head
+        return StatisticsHead(rule, self.shrinkage) if rule is not None else None
+
+    def drift(self) -> Optional[DriftCarry]:
+        """The carry of stored statistics these options ask for, or None."""
+        return DriftCarry(self.carry) if self.carry is not None else None
+
+    def prototypes(self, seed: int = 0) -> PrototypeMemory:
+        """The prototype memory (its replay is on only where ``prototype_replay`` says)."""
+        return PrototypeMemory(self.prototype_weight, self.temperature, seed=seed)
 
 
 def publish_options(*configs: type, defaults: Optional[Mapping[str, Any]] = None) -> Callable[[Callable], Callable]:

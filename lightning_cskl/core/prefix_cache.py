@@ -132,6 +132,10 @@ class PrefixCacheConfig:
         validate_prefix_cache(self.prefix_cache)
         validate_precision(self.prefix_cache_precision)
 
+    def build(self) -> "PrefixCache":
+        """The cache these options describe."""
+        return PrefixCache(self.prefix_cache, self.prefix_cache_precision)
+
 
 class PrefixStore:
     """``size`` samples of one shape at a storage precision, written and read by sample index.
@@ -322,6 +326,7 @@ class PrefixCache:
         self.hits = self.misses = 0  # batches read from the store / run through the prefix, in this task
         #: the last finished task's cut, store bytes, hits, misses and reason for being off ({} before any)
         self.last_task: dict[str, Any] = {}
+        self._open = contextlib.ExitStack()  # the hooks of the batch opened by open_batch
 
     @property
     def enabled(self) -> bool:
@@ -358,7 +363,9 @@ class PrefixCache:
         return self.active
 
     def end_task(self) -> None:
-        """Free the store and forget the task (what it did stays in :attr:`last_task`)."""
+        """Close an open batch, free the store and forget the task (what it did stays in :attr:`last_task`); also
+        what a front door calls when training raises."""
+        self.close_batch()
         if self.model is not None:
             self.last_task = {"cut": self.cut, "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
                               "reason": self.reason}
@@ -378,6 +385,16 @@ class PrefixCache:
         self._store = None
 
     # ------------------------------------------------------------------ batches
+    def open_batch(self, index: Optional[Tensor], run: Optional[Callable[[], Any]]) -> None:
+        """:meth:`batch` entered for a framework's training forward, which runs between two hooks: close it with
+        :meth:`close_batch` (or :meth:`end_task`). A batch still open is closed first."""
+        self.close_batch()
+        self._open.enter_context(self.batch(index, run))
+
+    def close_batch(self) -> None:
+        """Leave the batch :meth:`open_batch` entered (nothing if none is open)."""
+        self._open.close()
+
     @contextlib.contextmanager
     def batch(self, index: Optional[Tensor], run: Optional[Callable[[], Any]]) -> Iterator[None]:
         """Around the forward pass(es) of one batch whose samples are ``index`` (their positions in the task's

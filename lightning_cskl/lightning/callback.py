@@ -16,11 +16,10 @@ from typing_extensions import override
 
 from ..core import CenterKernelConfig, CenterKernelLearner
 from ..core.config import HeadConfig, publish_options, split_options
-from ..core.drift import DriftCarry, feature_distillation
-from ..core.head import DEFAULT_STATISTICS_RULE, ClassMoments, StatisticsHead
+from ..core.drift import feature_distillation
+from ..core.head import ClassMoments
 from ..core.learner import IDLE, SCORING, TRAINING
-from ..core.prefix_cache import PrefixCache, PrefixCacheConfig
-from ..core.prototypes import PrototypeMemory
+from ..core.prefix_cache import PrefixCacheConfig
 
 __all__ = ["CenterKernelCallback", "check_strategy", "default_batch_input", "default_batch_target"]
 
@@ -167,30 +166,28 @@ class CenterKernelCallback(Callback):
         self.options, rest = split_options(options, HeadConfig, defaults={"prototype_replay": False})
         cache, engine_options = split_options(rest, PrefixCacheConfig)
         self.learner = CenterKernelLearner(config, **engine_options)
-        self.prefix_cache = PrefixCache(cache.prefix_cache, cache.prefix_cache_precision)
+        self.prefix_cache = cache.build()
         self.index_fn = index_fn
-        self._cache_batch = contextlib.ExitStack()  # the prefix cache's hooks around the current training batch
         if index_fn is None and self.prefix_cache.enabled and "prefix_cache" in options:
             rank_zero_info(f"CenterKernelCallback: prefix_cache={cache.prefix_cache!r} is not used: the callback "
                            "cannot tell which samples a batch holds; give index_fn=lambda batch: <their indices in "
                            "the task's training dataset>")
         o = self.options
         self.carry = o.carry
-        self._drift = DriftCarry(o.carry) if o.carry is not None else None
+        self._drift = o.drift()
         self.distill_weight = o.distill_weight
         self.distill_loss: Optional[Tensor] = None  # the last step's term
         if not isinstance(o.prototype_replay, bool):
             raise ValueError(f"prototype_replay={o.prototype_replay!r} is not allowed here: use True or False")
         self.prototype_replay = o.prototype_replay
-        self.memory = PrototypeMemory(o.prototype_weight, o.temperature, seed=self.learner.config.seed)
+        self.memory = o.prototypes(seed=self.learner.config.seed)
         self._replay_module: Optional[torch.nn.Module] = None
         self.record_batches = o.record_batches
         self._aborted = False
         self.forward_fn = forward_fn or _default_forward
         self.log_stats = log_stats
         self.statistics_head = o.statistics_head  # as asked; "auto" is resolved per module at setup
-        rule = DEFAULT_STATISTICS_RULE if o.statistics_head == "auto" else o.statistics_head
-        self.statistics = StatisticsHead(rule, o.shrinkage) if rule is not None else None
+        self.statistics = o.statistics()
         self.head = o.head
         self.target_fn = target_fn or default_batch_target
         self._optimizer_handles: list[Any] = []
@@ -272,17 +269,16 @@ class CenterKernelCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._cache_batch.close()
+        self.prefix_cache.close_batch()
         if self.prefix_cache.active:
             # `run` is the cut's probe on the task's first batch: the module's forward on this batch
-            self._cache_batch.enter_context(
-                self.prefix_cache.batch(self._batch_index(batch), lambda: self.forward_fn(pl_module, batch)))
+            self.prefix_cache.open_batch(self._batch_index(batch), lambda: self.forward_fn(pl_module, batch))
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._cache_batch.close()  # after the backward and the optimizer step, which run no forward
+        self.prefix_cache.close_batch()  # after the backward and the optimizer step, which run no forward
         if self.learner.new_selection:
             self._log_selection(trainer)
 
@@ -290,7 +286,7 @@ class CenterKernelCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_optimizer_hooks()
         self._stop_replay()
-        self._cache_batch.close()
+        self.prefix_cache.close_batch()
         # the pass reads the stored prefix where the check of its first batch allows (no cut is searched for
         # here: the probe's passes would be recorded)
         cached = self.prefix_cache.active and self.prefix_cache.cut is not None
@@ -338,7 +334,7 @@ class CenterKernelCallback(Callback):
         finally:
             if capture is not None:
                 capture.remove()
-            self.release_cache()
+            self.prefix_cache.end_task()
         if records:
             # a rank that saw no sample still takes part in the reduction, with the head's input size
             size = moments.sums.shape[1] if moments.sums is not None else getattr(self.head_module(pl_module),
@@ -355,7 +351,7 @@ class CenterKernelCallback(Callback):
 
     def _begin_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start this task's prefix cache, after the branches are attached (the cut is found among their layers)."""
-        self.release_cache()
+        self.prefix_cache.end_task()
         if not self.prefix_cache.enabled or self.index_fn is None or self.learner.is_base_task:
             return
         size = _dataset_size(trainer.train_dataloader)
@@ -376,11 +372,6 @@ class CenterKernelCallback(Callback):
                              "in the task's training dataset")
         return index
 
-    def release_cache(self) -> None:
-        """Undo the prefix cache's hooks around the current batch and free its store (task end, exceptions)."""
-        self._cache_batch.close()
-        self.prefix_cache.end_task()
-
     def _record_limit(self, trainer: L.Trainer) -> float:
         """Batches the end-of-task pass reads: ``record_batches``, within the Trainer's ``limit_train_batches``."""
         available = float(trainer.num_training_batches)
@@ -396,7 +387,7 @@ class CenterKernelCallback(Callback):
         # this hook) can resume the task; the next setup starts a fresh task unless that checkpoint is loaded
         self._remove_optimizer_hooks()
         self._stop_replay()
-        self.release_cache()
+        self.prefix_cache.end_task()
         self.learner.suspend()
         self._aborted = True
 
@@ -404,7 +395,7 @@ class CenterKernelCallback(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_optimizer_hooks()
         self._stop_replay()
-        self.release_cache()
+        self.prefix_cache.end_task()
         if stage == "fit" and self.learner.model is not None and self.learner.phase != IDLE and not self._aborted:
             # the fit ended without training (an empty loader, max_steps=0): Lightning never called on_train_end
             rank_zero_warn("CenterKernelCallback: the fit ended before training ended (an empty training loader?): "
