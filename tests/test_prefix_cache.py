@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from lightning_cskl.avalanche import ClassIncrementalNet, CSKLStrategy, TaskIncrementalNet
 from lightning_cskl.core import CenterKernelLearner
-from lightning_cskl.core.prefix_cache import PrefixCache, PrefixStore, validate_prefix_cache
+from lightning_cskl.core.prefix_cache import (DEFAULT_MIN_FLOPS, PrefixCache, PrefixCacheConfig, PrefixStore,
+                                              validate_prefix_cache)
 from lightning_cskl.data import split_digits, split_digits_benchmark
 from lightning_cskl.models import ResNetFeatures, SmallCNN, resnet18
 
@@ -36,6 +37,7 @@ def _backbone(kind: str) -> tuple[nn.Module, int]:
 def _run(benchmark, kind="small_cnn", scenario="class", experiences=3, epochs=3, **options):
     """Train the first ``experiences`` of ``benchmark``; the model's logits on their test data, and the strategy."""
     torch.manual_seed(0)
+    options.setdefault("prefix_cache_min_flops", 0)  # the toy prefixes are too cheap for the default cost rule
     backbone, features = _backbone(kind)
     model = backbone if not features else (ClassIncrementalNet if scenario == "class" else TaskIncrementalNet)(
         backbone, features)
@@ -120,7 +122,7 @@ def test_an_experience_that_raised_leaves_no_cache_hook_and_trains_again():
     torch.manual_seed(0)
     model = ClassIncrementalNet(SmallCNN(10, width=4).features, 8)
     strategy = CSKLStrategy(model=model, optimizer=torch.optim.Adam(model.parameters(), 1e-3), train_mb_size=32,
-                            train_epochs=3, eval_mb_size=512, evaluator=None)
+                            train_epochs=3, eval_mb_size=512, evaluator=None, prefix_cache_min_flops=0)
     strategy.train(benchmark.train_stream[0])
 
     class Boom(RuntimeError):
@@ -155,11 +157,11 @@ class _Side(nn.Module):
         return self.head((self.conv(self.pre(x)) + side).mean((2, 3)))
 
 
-def _task(model, layers, setting="on", **learner_options):
+def _task(model, layers, setting="on", min_flops=0, **learner_options):
     learner = CenterKernelLearner(layers=layers, first_task="center", score_batches=1, **learner_options)
     learner.bind(model)
     learner.begin_task()
-    cache = PrefixCache(setting)
+    cache = PrefixCache(setting, min_flops=min_flops)
     cache.begin_task(model, list(learner.layers), size=16)
     x = torch.randn(16, 1, 6, 6)
     with cache.batch(torch.arange(16), lambda: model(x)):
@@ -173,6 +175,20 @@ def test_a_skip_connection_around_the_cut_is_detected(caplog):
     assert not cache.active and cache.cut is None and "output differs" in cache.reason
 
 
+class _Masked(_Side):
+    """_Side behind a head that masks every class (as an expanding head does before it has seen one): the model's
+    output is the same whatever the features, so only the modules after the cut can tell a wrong cut."""
+
+    def forward(self, x):
+        return super().forward(x) * 0 - 1000
+
+
+def test_a_skip_connection_is_detected_even_behind_an_output_that_ignores_the_features(caplog):
+    with caplog.at_level(logging.WARNING, logger=NOTICE):
+        cache = _task(_Masked(), ["conv"])
+    assert not cache.active and cache.cut is None and "output differs" in cache.reason
+
+
 def test_a_prefix_that_trains_or_is_empty_gets_no_cache():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(),
                         nn.Linear(4 * 36, 2))
@@ -181,10 +197,23 @@ def test_a_prefix_that_trains_or_is_empty_gets_no_cache():
     assert _task(net, ["2"]).active
 
 
+def test_a_prefix_too_cheap_to_store_is_recomputed_with_an_info_line(caplog):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(),
+                        nn.Linear(4 * 36, 2))
+    with caplog.at_level(logging.INFO, logger=NOTICE):
+        cheap = _task(net, ["2"], min_flops=DEFAULT_MIN_FLOPS)
+    # a 3×3 conv from one channel: 9 multiply-adds, 18 FLOPs per output value (the ReLU counts none)
+    assert cheap.flops_per_value == 18 and not cheap.active and cheap.cut is None and cheap.nbytes == 0
+    notices = [r for r in caplog.records if r.name == NOTICE]
+    assert len(notices) == 1 and notices[0].levelno == logging.INFO
+    assert "spends 18 FLOPs per value" in notices[0].getMessage() and "prefix_cache_min_flops=32" in cheap.reason
+    assert _task(net, ["2"], min_flops=18).active  # the rule is "at least"
+
+
 def test_the_resnet_cut_is_the_block_and_skips_everything_below():
     net = resnet18(2, in_channels=1, nf=4)
-    cache = _task(net, ["layer4.1.conv1", "layer4.1.conv2"])
-    assert cache.cut == "layer4.1" and cache.active
+    cache = _task(net, ["layer4.1.conv1", "layer4.1.conv2"], min_flops=DEFAULT_MIN_FLOPS)
+    assert cache.cut == "layer4.1" and cache.active and cache.flops_per_value > 10 * DEFAULT_MIN_FLOPS
     assert set(cache._plan.skipped) == {"conv1", "bn1", "relu", "layer1", "layer2", "layer3", "layer4.0"}
 
 
@@ -195,6 +224,9 @@ def test_options_are_validated_with_the_allowed_values():
             validate_prefix_cache(bad)
     with pytest.raises(ValueError, match=r"prefix_cache_precision='int4' is not allowed: use one of float32"):
         PrefixCache("on", "int4")
+    for bad in (-1, float("inf"), float("nan"), "cheap", True):
+        with pytest.raises(ValueError, match=r"prefix_cache_min_flops=.* is not allowed: use a number >= 0"):
+            PrefixCacheConfig(prefix_cache_min_flops=bad)
 
 
 @pytest.mark.parametrize("precision,error", [("float32", 0.0), ("float16", 2.0**-11), ("int8", 0.5 / 127 * (1 + 2.0**-7))])

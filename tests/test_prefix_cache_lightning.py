@@ -2,10 +2,13 @@
 run bit for bit, and every case the cache cannot serve (random augmentation, no ``index_fn``, a task that raised)
 runs uncached with the same results and a notice."""
 
+import copy
 import logging
 
+import lightning.pytorch as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_cskl import CenterKernelCallback
@@ -39,6 +42,7 @@ def _run(tasks, epochs=2, jitter=0.0, extra_callbacks=(), **options):
     """Train the tasks in sequence; return the model, the callback, and per task what the cache did."""
     torch.manual_seed(0)
     model = make_model(scenario="class")
+    options.setdefault("prefix_cache_min_flops", 0)  # the SmallCNN's first block is too cheap for the default rule
     cb = CenterKernelCallback(score_batches=3, **options)
     reports = []
     for t, task in enumerate(tasks):
@@ -131,3 +135,53 @@ def test_a_task_that_raised_leaves_no_cache_hook_and_the_next_fit_uses_the_cache
     cb.prefix_cache.last_task = {}
     make_trainer(2, [cb]).fit(model, DataLoader(data, batch_size=32, sampler=EpochShuffle(len(data))))
     assert cb.prefix_cache.last_task["hits"] > 0 and cb.prefix_cache.last_task["reason"] == ""
+
+
+class CrashAt(L.Callback):
+    """Raise before a given batch of a given epoch (``batch=0``: at an epoch boundary, after the last epoch's
+    checkpoint; later: in the middle of an epoch, with the cache part filled)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("simulated crash")
+
+
+def _fit(model, cb, task, t, epochs, ckpt_path=None, callbacks=(), **kwargs):
+    model.current_task = t
+    data = Indexed(task.train)
+    trainer = make_trainer(epochs, [cb, *callbacks], **kwargs)
+    trainer.fit(model, DataLoader(data, batch_size=32, sampler=EpochShuffle(len(data))), ckpt_path=ckpt_path)
+    return dict(cb.prefix_cache.last_task)
+
+
+@pytest.mark.parametrize("crash_batch", [0, 5], ids=["at-an-epoch-boundary", "mid-epoch"])
+def test_a_resumed_task_rebuilds_the_cache_and_ends_as_an_uncached_resume(digit_tasks, tmp_path, crash_batch):
+    tasks = digit_tasks[:3]
+    start, start_cb, _ = _run(tasks[:2], index_fn=_index)
+    # the third task crashes in its third epoch, with the cache filled (epochs 1-2) and read
+    crash_model, crash_cb = copy.deepcopy(start), copy.deepcopy(start_cb)
+    saver = OnExceptionCheckpoint(tmp_path, filename="crash")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(crash_model, crash_cb, tasks[2], 2, 4, callbacks=[saver, CrashAt(2, crash_batch)],
+             enable_checkpointing=True, default_root_dir=tmp_path)
+    assert crash_cb.prefix_cache.last_task["hits"] > 0 and crash_cb.prefix_cache.nbytes == 0
+    saved = torch.load(tmp_path / "crash.ckpt", weights_only=True, map_location="cpu")
+    state = next(v for k, v in saved["callbacks"].items() if "CenterKernelCallback" in k)
+    assert not any("prefix" in key or "cache" in key for key in state)  # nothing of the cache is checkpointed
+
+    # a new process: a fresh model and callback resume from the file, cached and uncached
+    resumed = {}
+    for setting in ("on", "off"):
+        model, cb = make_model(seed=123, scenario="class"), CenterKernelCallback(score_batches=3, prefix_cache=setting,
+                                                                                 prefix_cache_min_flops=0, index_fn=_index)
+        report = _fit(model, cb, tasks[2], 2, 4, ckpt_path=str(tmp_path / "crash.ckpt"), default_root_dir=tmp_path)
+        resumed[setting] = (model, cb, report)
+    model, cb, report = resumed["on"]
+    # the resumed epoch stores the prefix again, the next one and the task-end pass read it
+    assert report["cut"] and report["reason"] == "" and report["hits"] > 0 and report["misses"] > 0
+    assert cb.learner.tasks_seen == 3
+    assert _same(model, resumed["off"][0])
+    assert torch.equal(_predictions(model, tasks), _predictions(resumed["off"][0], tasks))

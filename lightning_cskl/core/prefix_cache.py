@@ -17,10 +17,16 @@ Nothing is trusted, everything is checked:
   computes with what is stored: random augmentation, or any transform that changes a sample between passes,
   switches the cache off for the rest of the task;
 - a prefix with a trainable parameter or a BatchNorm / dropout in training mode gets no cache;
-- a store larger than the budget is never allocated.
+- a store larger than the budget is never allocated;
+- a prefix too cheap to be worth storing is not stored: the cache pays only where recomputing a stored value costs
+  more than writing it once and reading it every later pass. The prefix's FLOPs per value it would store
+  (:class:`torch.utils.flop_counter.FlopCounterMode`, counted on the probe batch) must reach ``min_flops``
+  (:data:`DEFAULT_MIN_FLOPS`). On this project's CPU (``benchmarks/prefix_cache.py``) a first conv block of
+  18 FLOPs per value (the SmallCNN's) costs as much to store and read as to recompute; a slim ResNet-18 cut at
+  its last block spends thousands per value and runs a 4-epoch task twice as fast.
 
-Each of these says so in one log line (``lightning_cskl.core.prefix_cache``, level WARNING) and the task goes on
-uncached, with the same results. Storage is float32 (exact: the same values the prefix computes), float16, or
+Each of these says so in one log line (``lightning_cskl.core.prefix_cache``, level WARNING; INFO for a prefix too
+cheap to store, where nothing is wrong) and the task goes on uncached, with the same results. Storage is float32 (exact: the same values the prefix computes), float16, or
 8-bit with a scale per sample and channel (:class:`PrefixStore`). The cache lives for one task, on the device of
 the cut's input, and never goes into a checkpoint (a resumed task rebuilds it). Imports torch only.
 
@@ -28,7 +34,7 @@ Example:
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
     ...                     nn.Flatten(), nn.Linear(4 * 16, 2))
     >>> _ = net[0].requires_grad_(False)    # the prefix is frozen, as during a task
-    >>> cache = PrefixCache("on")
+    >>> cache = PrefixCache("on", min_flops=0)         # this toy prefix is too cheap to be worth it otherwise
     >>> cache.begin_task(net, ["2"], size=8)
     True
     >>> x = torch.randn(8, 1, 4, 4); index = torch.arange(8)
@@ -55,11 +61,12 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .batchnorm import frozen_batchnorm_forward
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "CachePrecision", "PrefixCache", "PrefixCacheConfig", "PrefixCacheSetting", "PrefixStore",
-           "validate_prefix_cache", "validate_precision"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "DEFAULT_MIN_FLOPS", "CachePrecision", "PrefixCache", "PrefixCacheConfig", "PrefixCacheSetting", "PrefixStore",
+           "validate_min_flops", "validate_prefix_cache", "validate_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,13 @@ PRECISIONS: tuple[str, ...] = ("float32", "float16", "int8")
 #: the budget of ``prefix_cache="on"``: 2 GiB holds the SmallCNN bench's largest task in float32 (12,000
 #: Fashion-MNIST images, 1.2 GB) and leaves most of a 23 GB machine to the rest of the run
 DEFAULT_BUDGET_BYTES = 2 * 2**30
+
+#: the least FLOPs the prefix must spend per value it stores for the cache to be used. Measured on this project's
+#: CPU (one thread, batch 64): recomputing a 3×3 conv + BatchNorm + ReLU block of 18 FLOPs per output value takes
+#: 1.6 ns per value, writing it into the store 2 ns and reading it back 0.8 ns, so over a 4-epoch task its cache
+#: saves nothing (the SmallCNN's measured task time: 0.95×); at 54 FLOPs per value (a 3→64 stem at 32×32) the
+#: recompute takes 3.8 ns and the same task saves about 3× what the writes cost
+DEFAULT_MIN_FLOPS = 32.0
 
 # the largest difference between a sample's recomputed prefix output and its stored value that still counts as
 # "the same sample", relative to the largest magnitude of its channel: float32 keeps the values exactly (the CPU
@@ -97,6 +111,14 @@ def validate_prefix_cache(value: Any) -> Optional[int]:
                      "'off', or a budget in bytes (an int > 0)")
 
 
+def validate_min_flops(value: Any) -> float:
+    """``prefix_cache_min_flops``: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"prefix_cache_min_flops={value!r} is not allowed: use a number >= 0 (FLOPs the prefix "
+                         "must spend per value it stores; 0 stores any prefix)")
+    return float(value)
+
+
 def validate_precision(value: Any) -> CachePrecision:
     """``prefix_cache_precision``: one of ``float32``, ``float16``, ``int8``."""
     if value not in PRECISIONS:
@@ -117,6 +139,9 @@ class PrefixCacheConfig:
             uncached with a one-line notice.
         prefix_cache_precision: storage of the prefix: ``"float32"`` (default; the results are the uncached
             run's), ``"float16"`` or ``"int8"`` (a scale per sample and channel).
+        prefix_cache_min_flops: the cost rule: the prefix must spend at least this many FLOPs per value it would
+            store (default :data:`DEFAULT_MIN_FLOPS`), else storing and reading it costs as much as recomputing it
+            and the task runs uncached (one INFO line). 0 caches any frozen prefix.
 
     Example:
         >>> PrefixCacheConfig(prefix_cache=0)
@@ -127,14 +152,16 @@ class PrefixCacheConfig:
 
     prefix_cache: PrefixCacheSetting = "on"
     prefix_cache_precision: CachePrecision = "float32"
+    prefix_cache_min_flops: float = DEFAULT_MIN_FLOPS
 
     def __post_init__(self) -> None:
         validate_prefix_cache(self.prefix_cache)
         validate_precision(self.prefix_cache_precision)
+        validate_min_flops(self.prefix_cache_min_flops)
 
     def build(self) -> "PrefixCache":
         """The cache these options describe."""
-        return PrefixCache(self.prefix_cache, self.prefix_cache_precision)
+        return PrefixCache(self.prefix_cache, self.prefix_cache_precision, self.prefix_cache_min_flops)
 
 
 class PrefixStore:
@@ -265,6 +292,8 @@ def _same_output(plain: Any, skipped: Any) -> bool:
     a, b = _tensors(plain), _tensors(skipped)
     if not a or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return False
+    if not any(x.numel() for x in a):  # an empty output (a head with no class yet) cannot tell two cuts apart
+        return False
     for x, y in zip(a, b):
         x, y = x.detach().float(), y.detach().float()
         scale = float(x.abs().max()) if x.numel() else 0.0
@@ -288,6 +317,11 @@ def _quiet_eval(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def _flop_counter() -> Any:
+    """A quiet FLOP counter (no table printed, no module hierarchy kept)."""
+    return FlopCounterMode(display=False, depth=None)
+
+
 def _is_frozen_batchnorm(module: nn.Module) -> bool:
     forward = vars(module).get("forward")
     return isinstance(forward, functools.partial) and forward.func is frozen_batchnorm_forward
@@ -295,10 +329,11 @@ def _is_frozen_batchnorm(module: nn.Module) -> bool:
 
 class _Plan:
     """Where the model is cut: the cut module, the outermost modules that run before it (skipped when reading),
-    and their outputs' shapes (for the placeholders)."""
+    their outputs' shapes (for the placeholders), and every module that runs before it."""
 
-    def __init__(self, cut: str, skipped: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]) -> None:
-        self.cut, self.skipped = cut, skipped
+    def __init__(self, cut: str, skipped: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]],
+                 before: frozenset = frozenset()) -> None:
+        self.cut, self.skipped, self.before = cut, skipped, before
 
 
 class PrefixCache:
@@ -307,15 +342,20 @@ class PrefixCache:
     Args:
         setting: ``"on"`` (a budget of :data:`DEFAULT_BUDGET_BYTES`), ``"off"``, or a budget in bytes.
         precision: ``"float32"`` (the results are those of an uncached run), ``"float16"`` or ``"int8"``.
+        min_flops: the least FLOPs the prefix must spend per value it stores (:data:`DEFAULT_MIN_FLOPS`).
 
     Per task: :meth:`begin_task` once the model is frozen for it, :meth:`new_pass` at the start of every epoch
     and of the task-end pass, :meth:`batch` around every forward of a batch (with the batch's sample indices), and
     :meth:`end_task` (frees the store). Why the cache is off, if it is, is in :attr:`reason`.
     """
 
-    def __init__(self, setting: PrefixCacheSetting = "on", precision: CachePrecision = "float32") -> None:
+    def __init__(self, setting: PrefixCacheSetting = "on", precision: CachePrecision = "float32",
+                 min_flops: float = DEFAULT_MIN_FLOPS) -> None:
         self.budget = validate_prefix_cache(setting)
         self.precision = validate_precision(precision)
+        self.min_flops = validate_min_flops(min_flops)
+        #: FLOPs the prefix spends per value it stores (measured on the task's probe batch; None before)
+        self.flops_per_value: Optional[float] = None
         self.model: Optional[nn.Module] = None
         self.size = 0
         self.reason = ""  # why the cache is off for this task ("" while it may be used)
@@ -368,8 +408,9 @@ class PrefixCache:
         self.close_batch()
         if self.model is not None:
             self.last_task = {"cut": self.cut, "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
-                              "reason": self.reason}
+                              "reason": self.reason, "flops_per_value": self.flops_per_value}
         self.model, self._plan, self._store, self.reason = None, None, None, ""
+        self.flops_per_value = None
         self._layers, self.size, self._checked = [], 0, False
         self.hits = self.misses = 0
 
@@ -378,10 +419,10 @@ class PrefixCache:
         checked against the store."""
         self._checked = False
 
-    def _off(self, why: str) -> None:
+    def _off(self, why: str, level: int = logging.WARNING) -> None:
         if not self.reason:
             self.reason = why
-            log.warning("prefix cache off for this task: %s; it runs uncached (same results, no saving)", why)
+            log.log(level, "prefix cache off for this task: %s; it runs uncached (same results, no saving)", why)
         self._store = None
 
     # ------------------------------------------------------------------ batches
@@ -504,8 +545,9 @@ class PrefixCache:
         model = self.model
         names = [n for n, _ in model.named_modules() if n]
         probe = _Probe(model, names)
-        with _quiet_eval(model), probe.hooked():
+        with _quiet_eval(model), probe.hooked(), _flop_counter() as counted:
             plain = run()
+        plain_flops = counted.get_total_flops()
         candidates = self._candidates(probe.calls)
         if not candidates:
             self._off(f"none of the trained layers {self._layers} ran in the forward pass")
@@ -517,16 +559,28 @@ class PrefixCache:
             if plan is None:
                 continue
             self._plan = plan
+            after = _Probe(model, [])
             try:
-                # with the input the plain pass computed: the cut is checked apart from the storage precision
-                with _quiet_eval(model), self._reading(modules[cut], probe.inputs[cut]):
+                # with the input the plain pass computed: the cut is checked apart from the storage precision. Every
+                # module that runs from the cut on must answer as in the plain pass, not just the model's output
+                # (which a head masking unseen classes, or one not trained yet, can make blind to its input)
+                with _quiet_eval(model), self._reading(modules[cut], probe.inputs[cut]), after.hooked(), \
+                        _flop_counter() as counted:
                     skipped = run()
-                same = _same_output(plain, skipped)
+                same = _same_output(plain, skipped) and all(
+                    _same_output(output, after.outputs.get(name)) for name, output in probe.outputs.items()
+                    if name not in plan.before and any(t.numel() for t in _tensors(output)))
             except Exception as error:  # glue code between the skipped modules that needs their real output
                 same, why = False, f"skipping the modules before {cut!r} fails ({type(error).__name__}: {error})"
             finally:
                 self._plan = None
             if same:
+                self.flops_per_value = (plain_flops - counted.get_total_flops()) / max(probe.inputs[cut].numel(), 1)
+                if self.flops_per_value < self.min_flops:
+                    self._off(f"its prefix (every module before {cut!r}) spends {self.flops_per_value:.0f} FLOPs per "
+                              f"value it would store, under prefix_cache_min_flops={self.min_flops:g}: storing and "
+                              "reading it costs about what recomputing it does", level=logging.INFO)
+                    return None
                 return plan
             why = why or f"the output differs when the model starts at {cut!r} (something around it reads the prefix)"
         self._off(why)
@@ -559,4 +613,4 @@ class PrefixCache:
             if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != batch:
                 return None, f"{name!r} before the cut does not return one batched tensor"
             skipped[name] = (tuple(output.shape[1:]), output.dtype, output.device)
-        return _Plan(cut, skipped), ""
+        return _Plan(cut, skipped, frozenset(before)), ""
