@@ -9,7 +9,7 @@ import sys
 
 import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,8 +33,42 @@ def main(out_dir: str) -> None:
         trainer.fit(model, DataLoader(tasks[t].train, batch_size=16, shuffle=True))
     rank = trainer.global_rank
     torch.save({"learner": cb.learner.state_dict(), "model": model.state_dict(), "world_size": trainer.world_size,
-                "statistics": cb.statistics.state_dict(), "samples": len(tasks[0].train) + len(tasks[1].train)},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+                "statistics": cb.statistics.state_dict(), "samples": len(tasks[0].train) + len(tasks[1].train),
+                "prefix_cache": prefix_cache_runs(tasks)}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+class Indexed(Dataset):
+    """A task's items followed by their position in it (what ``index_fn`` reads)."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return (*self.data[i], i)
+
+
+def prefix_cache_runs(tasks) -> dict:
+    """The same two tasks (3 epochs each, DistributedSampler reshuffling the shards) without and with the prefix
+    cache: this rank's final weights and, per task, what its cache did."""
+    runs = {}
+    for setting in ("off", "on"):
+        L.seed_everything(0, verbose=False)
+        model = make_model(scenario="class")
+        cb = CenterKernelCallback(score_batches=2, prefix_cache=setting, prefix_cache_min_flops=0,
+                                  index_fn=lambda batch: batch[-1])
+        reports = []
+        for t in range(2):
+            model.current_task = t
+            trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",
+                                callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False)
+            trainer.fit(model, DataLoader(Indexed(tasks[t].train), batch_size=16, shuffle=True))
+            reports.append(dict(cb.prefix_cache.last_task))
+        runs[setting] = {"model": model.state_dict(), "reports": reports}
+    return runs
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""DDP (2 CPU processes, gloo): every rank holds identical covariances, selections, weights and class statistics."""
+"""DDP (2 CPU processes, gloo): every rank holds identical covariances, selections, weights and class statistics,
+and the prefix cache (each rank storing the samples of its own shard) gives the uncached run's weights."""
 
 import os
 import subprocess
@@ -28,3 +29,14 @@ def test_ddp_ranks_agree(tmp_path):
     assert stats[0]["counts"].sum().item() == states[0]["samples"] and stats[0]["classes"].tolist() == [0, 1, 2, 3]
     for key in ("classes", "counts", "means", "scatter"):
         assert torch.allclose(stats[0][key].double(), stats[1][key].double()), key
+
+    # the prefix cache under DDP: each rank stores its shard's samples by their index in the whole dataset, reads
+    # the batches it has all of, and ends with the uncached run's weights, the same on both ranks
+    for state in states:
+        runs = state["prefix_cache"]
+        assert runs["off"]["reports"] == [{}, {}]
+        base, task = runs["on"]["reports"]
+        assert base == {} and task["cut"] and task["reason"] == "" and task["hits"] > 0
+        for key, value in runs["off"]["model"].items():
+            assert torch.equal(runs["on"]["model"][key], value), key
+            assert torch.equal(states[1]["prefix_cache"]["on"]["model"][key], value), key
