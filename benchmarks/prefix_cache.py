@@ -1,14 +1,21 @@
-"""The prefix cache measured: per-step training FLOPs, wall time per epoch and per task, cache bytes and ACC,
-uncached against the float32, float16 and 8-bit caches, on class-incremental Split Fashion-MNIST.
+"""The prefix cache measured: per-step training FLOPs, wall time per epoch and per task, peak memory, cache bytes
+and ACC, uncached against the float32, float16 and 8-bit caches, on class-incremental Split Fashion-MNIST.
 
 Every variant starts from one base session (trained once, all parameters) and trains the same incremental
 experiences with CSKLStrategy's defaults (what ``cskl run`` runs); only ``prefix_cache`` /
 ``prefix_cache_precision`` differ. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the
 6th step of the first epoch (the prefix runs and fills the cache) and of the last epoch (it reads the cache) of
-the last experience, against one full fine-tuning step of the same network on a batch of the same size.
+the last experience, against one full fine-tuning step of the same network on a batch of the same size. Peak
+memory is the process's peak resident set over each variant's incremental experiences (Linux: the high-water mark
+is reset through ``/proc/self/clear_refs`` before each), beside the resident set at its start; on CUDA, the peak
+of ``torch.cuda.max_memory_allocated`` (the cache lives on the device there).
 
-    python benchmarks/prefix_cache.py --model small_cnn --width 16 --train_per_class 1000
     python benchmarks/prefix_cache.py --model resnet18 --width 20 --train_per_class 500
+    python benchmarks/prefix_cache.py --model small_cnn --width 16 --train_per_class 1000 --min_flops 0
+    # the 32×32 ResNet-18 (full width; Fashion-MNIST padded to 32×32 and repeated to 3 channels, CIFAR's shape)
+    python benchmarks/prefix_cache.py --model resnet18 --width 64 --size 32 --channels 3 --train_per_class 100
+    # on a GPU, the same in one short script
+    python benchmarks/prefix_cache.py --model resnet18 --width 64 --size 32 --channels 3 --device cuda
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_cskl.avalanche import CSKLStrategy, run_continual, train_base
 from lightning_cskl.avalanche.job import build_model
 from lightning_cskl.core.accounting import conv_backward_flops
+from lightning_cskl.core.prefix_cache import DEFAULT_MIN_FLOPS
 from lightning_cskl.data.build import build_benchmark, input_channels
+from lightning_cskl.data.fashion_mnist import load_fashion_mnist
+from lightning_cskl.data.tensors import tensor_benchmark
 from lightning_cskl.experiments.baselines import METHODS
 from lightning_cskl.options import DataOptions, ModelOptions
 
@@ -81,6 +91,47 @@ class Probe(SupervisedPlugin):
             self.cache.append(dict(strategy.cskl.prefix_cache.last_task))
 
 
+def _resident_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MiB (Linux)."""
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+    return kib / 1024
+
+
+def reset_peak(device: torch.device) -> float:
+    """Start a new peak-memory window; the memory in use now, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/clear_refs", "w") as clear:  # resets VmHWM to the current resident set
+        clear.write("5")
+    return _resident_mib("VmRSS")
+
+
+def peak_mib(device: torch.device) -> float:
+    """The peak memory of the window :func:`reset_peak` opened, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _resident_mib("VmHWM")
+
+
+def padded_fashion_mnist(root: str, size: int, channels: int, train_per_class: int, test_per_class: int):
+    """Class-incremental Split Fashion-MNIST with images zero-padded to ``size``×``size`` and repeated to
+    ``channels`` channels (3×32×32: the input of a CIFAR ResNet-18), 4 base classes + 3 × 2."""
+    def shaped(data, per_class):
+        images, labels = data
+        keep = torch.cat([(labels == c).nonzero().squeeze(1)[:per_class] for c in labels.unique()]).sort().values
+        images, labels = images[keep], labels[keep]
+        pad = size - images.shape[-1]
+        images = torch.nn.functional.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        return images.expand(-1, channels, -1, -1).contiguous(), labels
+
+    train, test = load_fashion_mnist(root)
+    return tensor_benchmark(shaped(train, train_per_class), shaped(test, test_per_class), "class", 4, 2)
+
+
 def full_step_flops(model: torch.nn.Module, batch: int, shape: tuple[int, ...]) -> int:
     """FLOPs of one full fine-tuning step (every parameter trains) of ``model``."""
     model.train()
@@ -92,7 +143,7 @@ def full_step_flops(model: torch.nn.Module, batch: int, shape: tuple[int, ...]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("small_cnn", "resnet18"), default="small_cnn")
+    parser.add_argument("--model", choices=("small_cnn", "resnet18", "mobilenet_v2"), default="small_cnn")
     parser.add_argument("--width", type=float, default=None)
     parser.add_argument("--train_per_class", type=int, default=1000)
     parser.add_argument("--test_per_class", type=int, default=300)
@@ -103,12 +154,22 @@ def main() -> None:
     parser.add_argument("--variants", default="off,float32,float16,int8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min_flops", type=float, default=DEFAULT_MIN_FLOPS,
+                        help="prefix_cache_min_flops (0: cache any frozen prefix, e.g. to measure the SmallCNN's)")
+    parser.add_argument("--size", type=int, default=28, help="pad the images to SIZE×SIZE")
+    parser.add_argument("--channels", type=int, default=1, help="repeat the images to this many channels")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
-    data = DataOptions(benchmark="fashion_mnist", root=args.root, train_per_class=args.train_per_class,
-                       test_per_class=args.test_per_class)
-    benchmark = build_benchmark(data)
+    if args.size == 28 and args.channels == 1:
+        data = DataOptions(benchmark="fashion_mnist", root=args.root, train_per_class=args.train_per_class,
+                           test_per_class=args.test_per_class)
+        benchmark = build_benchmark(data)
+    else:
+        benchmark = padded_fashion_mnist(args.root, args.size, args.channels, args.train_per_class,
+                                         args.test_per_class)
     channels = input_channels(benchmark)
     model_options = ModelOptions(name=args.model, width=args.width)
 
@@ -116,7 +177,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = build_model(model_options, channels, task_incremental=False)
         common = dict(model=model, optimizer=torch.optim.Adam(model.parameters(), args.lr), evaluator=evaluator,
-                      train_mb_size=args.batch_size, train_epochs=args.epochs, eval_mb_size=512, plugins=list(plugins))
+                      train_mb_size=args.batch_size, train_epochs=args.epochs, eval_mb_size=512, plugins=list(plugins),
+                      device=device)
         if method is not None:
             return METHODS[method](**common)
         return CSKLStrategy(**common, **options)
@@ -132,11 +194,14 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         probe = Probe(last)
-        options = {"prefix_cache": "off"} if variant == "off" else {"prefix_cache_precision": variant}
+        options = ({"prefix_cache": "off"} if variant == "off" else
+                   {"prefix_cache_precision": variant, "prefix_cache_min_flops": args.min_flops})
+        start_mib = reset_peak(device)
         began = time.perf_counter()
         result = run_continual(benchmark, lambda evaluator: build(evaluator, plugins=[probe], **options), base=base,
                                progress=False)
         seconds = time.perf_counter() - began
+        top_mib = peak_mib(device)
         first = [s for e, s in probe.epochs if e == 0]
         later = [s for e, s in probe.epochs if e > 0]
         rows.append({
@@ -145,19 +210,27 @@ def main() -> None:
             "epoch1_s": sum(first) / len(first), "later_epoch_s": sum(later) / len(later),
             "task_s": sum(probe.tasks) / len(probe.tasks), "bytes": max(c.get("bytes", 0) for c in probe.cache),
             "cut": probe.cache[-1].get("cut"), "reason": probe.cache[-1].get("reason", ""), "run_s": seconds,
+            "flops_per_value": probe.cache[-1].get("flops_per_value"), "start_mib": start_mib, "peak_mib": top_mib,
         })
         print(rows[-1], flush=True)
 
     off = next((r for r in rows if r["variant"] == "off"), rows[0])
-    print(f"\n{args.model} width {args.width}, {args.train_per_class} training images per class, {args.epochs} epochs, "
-          f"batch {args.batch_size}; full fine-tuning step: {full / 1e6:.1f} MFLOPs; cut: {rows[-1]['cut']}")
+    cached = next((r for r in rows if r["flops_per_value"] is not None), rows[-1])
+    print(f"\n{args.model} width {args.width}, {args.channels}×{args.size}×{args.size} inputs, {args.train_per_class} "
+          f"training images per class, {args.epochs} epochs, batch {args.batch_size}, {device}; full fine-tuning step: "
+          f"{full / 1e6:.1f} MFLOPs; cut: {cached['cut']}, its prefix spends {cached['flops_per_value']} FLOPs per "
+          f"stored value (prefix_cache_min_flops={args.min_flops:g})")
+    memory = "GPU MiB allocated: at start / peak" if device.type == "cuda" else "process MiB resident: at start / peak"
     print("| prefix cache | ACC | forgetting | FLOPs/step ×full, epoch 1 | later epochs | s / epoch 1 | "
-          "s / later epoch | s / task | task speed-up | cache MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"s / later epoch | s / task | task speed-up | cache MiB | {memory} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {100 * r['acc']:.2f} | {100 * r['forgetting']:.2f} | {r['flops_first']:.3f} | "
               f"{r['flops_later']:.3f} | {r['epoch1_s']:.2f} | {r['later_epoch_s']:.2f} | {r['task_s']:.2f} | "
-              f"{off['task_s'] / r['task_s']:.2f}× | {r['bytes'] / 2**20:.1f} |")
+              f"{off['task_s'] / r['task_s']:.2f}× | {r['bytes'] / 2**20:.1f} | {r['start_mib']:.0f} / "
+              f"{r['peak_mib']:.0f} |")
+        if r["reason"]:
+            print(f"|   {r['variant']}: off, {r['reason']} |")
 
 
 if __name__ == "__main__":

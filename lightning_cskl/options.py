@@ -103,7 +103,7 @@ class TrainOptions:
 class StrategyOptions(PrefixCacheConfig, HeadConfig):
     """CSKLStrategy's options besides the engine's: the fields of lightning_cskl.core.HeadConfig (statistics head,
     carry, distillation, prototype replay) and of lightning_cskl.core.prefix_cache.PrefixCacheConfig (prefix_cache,
-    prefix_cache_precision), which document them; written once there, shared by both doors."""
+    prefix_cache_precision, prefix_cache_min_flops), which document them; written once there, shared by both doors."""
 
     def __post_init__(self) -> None:
         HeadConfig.__post_init__(self)

@@ -291,8 +291,8 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
         **options: the fields of :class:`~lightning_cskl.core.HeadConfig` (``statistics_head``, ``carry``,
             ``prototype_replay``, ``head``, ``record_batches``, ...), of
             :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig` (``prefix_cache``,
-            ``prefix_cache_precision``) and of :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``,
-            ``layers``, ...), which document them; all are published in this signature. ``prototype_replay="auto"``
+            ``prefix_cache_precision``, ``prefix_cache_min_flops``) and of
+            :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``, ``layers``, ...), which document them; all are published in this signature. ``prototype_replay="auto"``
             (default) is on for single-head models and off for Avalanche ``MultiTaskModule`` models;
             ``statistics_head="auto"`` (default) is ``"qda"`` for single-head models and None for
             ``MultiTaskModule`` ones.
@@ -530,7 +530,8 @@ class CSKLStrategy(SupervisedTemplate):
             as keyword options.
         **options: the fields of :class:`~lightning_cskl.core.HeadConfig` (``statistics_head``, ``carry``,
             ``prototype_replay``, ...), of :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig`
-            (``prefix_cache``, ``prefix_cache_precision``) and of :class:`~lightning_cskl.core.CenterKernelConfig`
+            (``prefix_cache``, ``prefix_cache_precision``, ``prefix_cache_min_flops``) and of
+            :class:`~lightning_cskl.core.CenterKernelConfig`
             (``channel_ratio``, ``layers``, ...), which document them; all published in this signature (see
             :class:`CSKLPlugin`).
 

@@ -26,9 +26,10 @@ Nothing is trusted, everything is checked:
   its last block spends thousands per value and runs a 4-epoch task twice as fast.
 
 Each of these says so in one log line (``lightning_cskl.core.prefix_cache``, level WARNING; INFO for a prefix too
-cheap to store, where nothing is wrong) and the task goes on uncached, with the same results. Storage is float32 (exact: the same values the prefix computes), float16, or
-8-bit with a scale per sample and channel (:class:`PrefixStore`). The cache lives for one task, on the device of
-the cut's input, and never goes into a checkpoint (a resumed task rebuilds it). Imports torch only.
+cheap to store, where nothing is wrong) and the task goes on uncached, with the same results. Storage is float32
+(exact: the same values the prefix computes), float16, or 8-bit with a scale per sample and channel
+(:class:`PrefixStore`). The cache lives for one task, on the device of the cut's input, and never goes into a
+checkpoint (a resumed task rebuilds it). Imports torch only.
 
 Example:
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),

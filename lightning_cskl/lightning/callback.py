@@ -113,7 +113,8 @@ class CenterKernelCallback(Callback):
     it, with the uncached run's results (``prefix_cache_precision="float32"``). The dataset must hand out the same
     sample at the same index every epoch, without random augmentation (checked once per epoch: a sample that
     changed switches the cache off for the task, with a log line), and the training loader's dataset must have a
-    length (its ``len`` sizes the store; the index is the position in the whole dataset, also under DDP). Without
+    length (its ``len`` sizes the store; the index is the position in the whole dataset, also under DDP). A prefix
+    that spends fewer than ``prefix_cache_min_flops`` FLOPs per stored value is recomputed instead. Without
     ``index_fn`` nothing is cached (one info line if ``prefix_cache`` was given); the base session never is.
 
     Args:
@@ -129,8 +130,8 @@ class CenterKernelCallback(Callback):
             ``training_step`` ignores it). It turns the prefix cache on (``prefix_cache="on"``, the default);
             None (default): no cache.
         **options: the fields of :class:`~lightning_cskl.core.HeadConfig`, of
-            :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig` (``prefix_cache``, ``prefix_cache_precision``)
-            and of :class:`~lightning_cskl.core.CenterKernelConfig`, which document them (all published in this
+            :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig` (``prefix_cache``, ``prefix_cache_precision``,
+            ``prefix_cache_min_flops``) and of :class:`~lightning_cskl.core.CenterKernelConfig`, which document them (all published in this
             signature).
             In this door: ``statistics_head`` updates the statistics from the task's training loader at
             ``on_train_end``, and the head answers with their scores in eval mode (validation, test, predict, or
