@@ -175,8 +175,8 @@ def test_a_resumed_task_rebuilds_the_cache_and_ends_as_an_uncached_resume(digit_
     # a new process: a fresh model and callback resume from the file, cached and uncached
     resumed = {}
     for setting in ("on", "off"):
-        model, cb = make_model(seed=123, scenario="class"), CenterKernelCallback(score_batches=3, prefix_cache=setting,
-                                                                                 prefix_cache_min_flops=0, index_fn=_index)
+        model = make_model(seed=123, scenario="class")
+        cb = CenterKernelCallback(score_batches=3, prefix_cache=setting, prefix_cache_min_flops=0, index_fn=_index)
         report = _fit(model, cb, tasks[2], 2, 4, ckpt_path=str(tmp_path / "crash.ckpt"), default_root_dir=tmp_path)
         resumed[setting] = (model, cb, report)
     model, cb, report = resumed["on"]
