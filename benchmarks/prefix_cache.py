@@ -4,7 +4,7 @@ and ACC, uncached against the float32, float16 and 8-bit caches, on class-increm
 Every variant starts from one base session (trained once, all parameters) and trains the same incremental
 experiences with CSKLStrategy's defaults (what ``cskl run`` runs); only ``prefix_cache`` /
 ``prefix_cache_precision`` differ. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the
-6th step (or the last, if fewer) of the first epoch (the prefix runs and fills the cache) and of the last epoch
+6th step (in a shorter epoch, its last full batch) of the first epoch (the prefix runs and fills the cache) and of the last epoch
 (it reads the cache) of the last experience, against one full fine-tuning step of the same network on a batch of the same size. Peak
 memory is the process's peak resident set over each variant's incremental experiences (Linux: the high-water mark
 is reset through ``/proc/self/clear_refs`` before each), beside the resident set at its start; on CUDA, the peak
@@ -73,7 +73,7 @@ class Probe(SupervisedPlugin):
 
     def before_training_iteration(self, strategy, *args, **kwargs):
         epoch = strategy.clock.train_exp_epochs
-        step = min(MEASURED_STEP, len(strategy.dataloader) - 1)  # a short epoch: its last step
+        step = max(0, min(MEASURED_STEP, len(strategy.dataloader) - 2))  # a short epoch: its last full batch
         if (strategy.experience.current_experience == self.last and strategy.clock.train_epoch_iterations == step
                 and epoch in (0, strategy.train_epochs - 1)):
             self._counter = _flop_counter()
