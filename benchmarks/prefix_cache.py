@@ -4,9 +4,9 @@ and ACC, uncached against the float32, float16 and 8-bit caches, on class-increm
 Every variant starts from one base session (trained once, all parameters) and trains the same incremental
 experiences with CSKLStrategy's defaults (what ``cskl run`` runs); only ``prefix_cache`` /
 ``prefix_cache_precision`` differ. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the
-6th step (in a shorter epoch, its last full batch) of the first epoch (the prefix runs and fills the cache) and of the last epoch
-(it reads the cache) of the last experience, against one full fine-tuning step of the same network on a batch of the same size. Peak
-memory is the process's peak resident set over each variant's incremental experiences (Linux: the high-water mark
+6th step (in a shorter epoch, its last full batch) of the first epoch (the prefix runs and fills the cache) and
+of the last epoch (it reads the cache) of the last experience, against one full fine-tuning step of the same
+network on a batch of the same size. Peak memory is the process's peak resident set over each variant's incremental experiences (Linux: the high-water mark
 is reset through ``/proc/self/clear_refs`` before each), beside the resident set at its start; on CUDA, the peak
 of ``torch.cuda.max_memory_allocated`` (the cache lives on the device there).
 
@@ -207,7 +207,8 @@ def main() -> None:
         later = [s for e, s in probe.epochs if e > 0]
         rows.append({
             "variant": variant, "acc": result.summary["acc"], "forgetting": result.summary["forgetting"],
-            "flops_first": probe.flops.get("first_epoch", 0) / full, "flops_later": probe.flops.get("last_epoch", 0) / full,
+            "flops_first": probe.flops.get("first_epoch", 0) / full,
+            "flops_later": probe.flops.get("last_epoch", 0) / full,
             "epoch1_s": sum(first) / len(first), "later_epoch_s": sum(later) / len(later),
             "task_s": sum(probe.tasks) / len(probe.tasks), "bytes": max(c.get("bytes", 0) for c in probe.cache),
             "cut": probe.cache[-1].get("cut"), "reason": probe.cache[-1].get("reason", ""), "run_s": seconds,
@@ -217,8 +218,8 @@ def main() -> None:
 
     off = next((r for r in rows if r["variant"] == "off"), rows[0])
     cached = next((r for r in rows if r["flops_per_value"] is not None), rows[-1])
-    print(f"\n{args.model} width {args.width}, {args.channels}×{args.size}×{args.size} inputs, {args.train_per_class} "
-          f"training images per class, {args.epochs} epochs, batch {args.batch_size}, {device}; full fine-tuning step: "
+    print(f"\n{args.model} width {args.width}, {args.channels}×{args.size}×{args.size} inputs, "
+          f"{args.train_per_class} training images per class, {args.epochs} epochs, batch {args.batch_size}, {device}; full fine-tuning step: "
           f"{full / 1e6:.1f} MFLOPs; cut: {cached['cut']}, its prefix spends {cached['flops_per_value']} FLOPs per "
           f"stored value (prefix_cache_min_flops={args.min_flops:g})")
     memory = "GPU MiB allocated: at start / peak" if device.type == "cuda" else "process MiB resident: at start / peak"
