@@ -6,8 +6,8 @@ experiences with CSKLStrategy's defaults (what ``cskl run`` runs); only ``prefix
 ``prefix_cache_precision`` differ. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the
 6th step (in a shorter epoch, its last full batch) of the first epoch (the prefix runs and fills the cache) and
 of the last epoch (it reads the cache) of the last experience, against one full fine-tuning step of the same
-network on a batch of the same size. Peak memory is the process's peak resident set over each variant's incremental experiences (Linux: the high-water mark
-is reset through ``/proc/self/clear_refs`` before each), beside the resident set at its start; on CUDA, the peak
+network on a batch of the same size. Peak memory is the process's peak resident set over each variant's
+incremental experiences (Linux: the high-water mark is reset through ``/proc/self/clear_refs`` before each), beside the resident set at its start; on CUDA, the peak
 of ``torch.cuda.max_memory_allocated`` (the cache lives on the device there).
 
     python benchmarks/prefix_cache.py --model resnet18 --width 20 --train_per_class 500
@@ -219,8 +219,8 @@ def main() -> None:
     off = next((r for r in rows if r["variant"] == "off"), rows[0])
     cached = next((r for r in rows if r["flops_per_value"] is not None), rows[-1])
     print(f"\n{args.model} width {args.width}, {args.channels}×{args.size}×{args.size} inputs, "
-          f"{args.train_per_class} training images per class, {args.epochs} epochs, batch {args.batch_size}, {device}; full fine-tuning step: "
-          f"{full / 1e6:.1f} MFLOPs; cut: {cached['cut']}, its prefix spends {cached['flops_per_value']} FLOPs per "
+          f"{args.train_per_class} training images per class, {args.epochs} epochs, batch {args.batch_size}, "
+          f"{device}; full fine-tuning step: {full / 1e6:.1f} MFLOPs; cut: {cached['cut']}, its prefix spends {cached['flops_per_value']} FLOPs per "
           f"stored value (prefix_cache_min_flops={args.min_flops:g})")
     memory = "GPU MiB allocated: at start / peak" if device.type == "cuda" else "process MiB resident: at start / peak"
     print("| prefix cache | ACC | forgetting | FLOPs/step ×full, epoch 1 | later epochs | s / epoch 1 | "
