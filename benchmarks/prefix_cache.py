@@ -3,12 +3,12 @@ and ACC, uncached against the float32, float16 and 8-bit caches, on class-increm
 
 Every variant starts from one base session (trained once, all parameters) and trains the same incremental
 experiences with CSKLStrategy's defaults (what ``cskl run`` runs); only ``prefix_cache`` /
-``prefix_cache_precision`` differ. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the
-6th step (in a shorter epoch, its last full batch) of the first epoch (the prefix runs and fills the cache) and
-of the last epoch (it reads the cache) of the last experience, against one full fine-tuning step of the same
-network on a batch of the same size. Peak memory is the process's peak resident set over each variant's
-incremental experiences (Linux: the high-water mark is reset through ``/proc/self/clear_refs`` before each), beside the resident set at its start; on CUDA, the peak
-of ``torch.cuda.max_memory_allocated`` (the cache lives on the device there).
+``prefix_cache_precision`` differ. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the 6th
+step (in a shorter epoch, its last full batch) of the first epoch (the prefix runs and fills the cache) and of the
+last epoch (it reads the cache) of the last experience, against one full fine-tuning step of the same network on a
+batch of the same size. Peak memory is the process's peak resident set over each variant's incremental experiences
+(Linux: the high-water mark is reset through ``/proc/self/clear_refs`` before each), beside the resident set at its
+start; on CUDA, the peak of ``torch.cuda.max_memory_allocated`` (the cache lives on the device there).
 
     python benchmarks/prefix_cache.py --model resnet18 --width 20 --train_per_class 500
     python benchmarks/prefix_cache.py --model small_cnn --width 16 --train_per_class 1000 --min_flops 0
@@ -220,8 +220,8 @@ def main() -> None:
     cached = next((r for r in rows if r["flops_per_value"] is not None), rows[-1])
     print(f"\n{args.model} width {args.width}, {args.channels}×{args.size}×{args.size} inputs, "
           f"{args.train_per_class} training images per class, {args.epochs} epochs, batch {args.batch_size}, "
-          f"{device}; full fine-tuning step: {full / 1e6:.1f} MFLOPs; cut: {cached['cut']}, its prefix spends {cached['flops_per_value']} FLOPs per "
-          f"stored value (prefix_cache_min_flops={args.min_flops:g})")
+          f"{device}; full fine-tuning step: {full / 1e6:.1f} MFLOPs; cut: {cached['cut']}, its prefix spends "
+          f"{cached['flops_per_value']} FLOPs per stored value (prefix_cache_min_flops={args.min_flops:g})")
     memory = "GPU MiB allocated: at start / peak" if device.type == "cuda" else "process MiB resident: at start / peak"
     print("| prefix cache | ACC | forgetting | FLOPs/step ×full, epoch 1 | later epochs | s / epoch 1 | "
           f"s / later epoch | s / task | task speed-up | cache MiB | {memory} |")
