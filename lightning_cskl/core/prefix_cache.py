@@ -66,8 +66,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .batchnorm import frozen_batchnorm_forward
 
-__all__ = ["DEFAULT_BUDGET_BYTES", "DEFAULT_MIN_FLOPS", "CachePrecision", "PrefixCache", "PrefixCacheConfig", "PrefixCacheSetting", "PrefixStore",
-           "validate_min_flops", "validate_prefix_cache", "validate_precision"]
+__all__ = ["DEFAULT_BUDGET_BYTES", "DEFAULT_MIN_FLOPS", "CachePrecision", "PrefixCache", "PrefixCacheConfig",
+           "PrefixCacheSetting", "PrefixStore", "validate_min_flops", "validate_prefix_cache", "validate_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,10 @@ def validate_prefix_cache(value: Any) -> Optional[int]:
     """The budget in bytes that ``prefix_cache`` asks for (None: off).
 
     Example:
-        >>> validate_prefix_cache("on") == DEFAULT_BUDGET_BYTES, validate_prefix_cache("off"), validate_prefix_cache(10**9)
-        (True, None, 1000000000)
+        >>> validate_prefix_cache("on") == DEFAULT_BUDGET_BYTES, validate_prefix_cache("off")
+        (True, None)
+        >>> validate_prefix_cache(10**9)
+        1000000000
     """
     if value is None or value is False or value == "off":  # `is`: 0 and 1 are budgets, refused or taken as such
         return None
@@ -129,8 +131,8 @@ def validate_precision(value: Any) -> CachePrecision:
 
 @dataclass
 class PrefixCacheConfig:
-    """The prefix cache's options (:class:`~lightning_cskl.avalanche.CSKLStrategy`, :class:`~lightning_cskl.avalanche.CSKLPlugin`,
-    ``cskl run``'s ``strategy:`` section).
+    """The prefix cache's options (:class:`~lightning_cskl.avalanche.CSKLStrategy`,
+    :class:`~lightning_cskl.avalanche.CSKLPlugin`, ``cskl run``'s ``strategy:`` section).
 
     Args:
         prefix_cache: compute the frozen prefix (every module before the lowest trained layer) once per
@@ -145,10 +147,10 @@ class PrefixCacheConfig:
             and the task runs uncached (one INFO line). 0 caches any frozen prefix.
 
     Example:
-        >>> PrefixCacheConfig(prefix_cache=0)
+        >>> PrefixCacheConfig(prefix_cache=0)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: prefix_cache=0 is not allowed: use 'on' (a budget of 2147483648 bytes), 'off', or a budget in bytes (an int > 0)
+        ValueError: prefix_cache=0 is not allowed: use 'on' (a budget of 2147483648 bytes), 'off', or a budget ...
     """
 
     prefix_cache: PrefixCacheSetting = "on"
