@@ -55,6 +55,19 @@ def test_batches_merge_exactly_whatever_their_split():
     assert torch.allclose(whole.covariance(), pooled.double() / len(y), atol=1e-5)
 
 
+def test_qda_class_scatter_is_each_class_own_whatever_the_batches():
+    z, y = _clusters(n=200, features=5)
+    whole, pieces = StatisticsHead("qda"), StatisticsHead("qda")
+    whole.update(z, y)
+    for start in range(0, len(y), 9):  # batches that miss some classes
+        pieces.update(z[start:start + 9], y[start:start + 9])
+    for head in (whole, pieces):
+        for i, c in enumerate(head.classes.tolist()):
+            zc = z[y == c].double()
+            own = (zc - zc.mean(0)).T @ (zc - zc.mean(0))
+            assert torch.allclose(head.class_scatter[i], own, atol=1e-6), c
+
+
 def test_ncm_is_the_nearest_mean_and_unseen_classes_never_win():
     head = StatisticsHead("ncm")
     head.update(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.tensor([1, 3]))

@@ -91,8 +91,10 @@ class ClassMoments:
         self.counts.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
         self.sums.index_add_(0, y, z)
         self.outer += z.T @ z
-        if self.per_class:
-            self.class_outer.index_add_(0, y, z[:, :, None] * z[:, None, :])
+        if self.per_class:  # one (F, F) product per class present: an (N, F, F) stack would not fit for wide F
+            for c in y.unique().tolist():
+                zc = z[y == c]
+                self.class_outer[c] += zc.T @ zc
 
     def _grow(self, classes: int, features: int) -> None:
         if self.sums is None:
