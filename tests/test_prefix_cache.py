@@ -70,6 +70,17 @@ def test_the_float32_cache_gives_the_uncached_runs_predictions(kind, scenario, c
     assert torch.equal(cached, plain)
 
 
+def test_later_epochs_and_the_task_end_pass_read_the_store_but_for_one_checked_batch_each():
+    benchmark = split_digits_benchmark("class")
+    epochs = 3
+    _, reports, _ = _run(benchmark, epochs=epochs)
+    for experience, report in zip(benchmark.train_stream[1:3], reports[1:]):
+        batches = -(-len(experience.dataset) // 32)  # the training batch size, also that of the task-end pass
+        # epoch 1 runs the prefix on every batch; each later pass (epochs 2-3, the task end) on its first only
+        assert report["misses"] == batches + epochs, report
+        assert report["hits"] == epochs * (batches - 1), report
+
+
 class _Jittered(Dataset):
     """Digits with fresh noise at every read: a transform that changes a sample between epochs."""
 

@@ -116,7 +116,8 @@ def with_sample_index(dataset: Any) -> Any:
 
 
 def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int], indexed: bool = False) -> DataLoader:
-    """The loader of the end-of-experience pass over the experience's data (eval transforms).
+    """The loader of the end-of-experience pass over the experience's data (eval transforms, batches of the
+    training batch size).
 
     With ``record_batches`` set, only that many batches are read, so they are drawn in a seeded random order: an
     experience's dataset is often sorted by class, and its first batches would hold one class only. With
@@ -125,8 +126,10 @@ def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int], i
     dataset = strategy.experience.dataset.eval()
     if indexed:
         dataset = with_sample_index(dataset)
-    # BatchNorm is in eval mode here, so the batch size only sets the speed (eval_mb_size defaults to 1)
-    batch_size = max(strategy.eval_mb_size or 1, strategy.train_mb_size or 1)
+    # BatchNorm is in eval mode here, so the batch size only sets the speed; the training batch size, as the
+    # Lightning door reads the training loader: a prefix cache checks the pass's first batch by recomputing it,
+    # and on a small experience a large eval batch would be all of the pass
+    batch_size = strategy.train_mb_size or strategy.eval_mb_size or 1
     generator = torch.Generator().manual_seed(0) if record_batches is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=record_batches is not None, generator=generator,
                       collate_fn=getattr(dataset, "collate_fn", None))
