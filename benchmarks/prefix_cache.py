@@ -1,4 +1,4 @@
-"""The prefix cache measured: per-step training FLOPs, wall time per epoch and per task, peak memory, cache bytes
+r"""The prefix cache measured: per-step training FLOPs, wall time per epoch and per task, peak memory, cache bytes
 and ACC, uncached against the float32, float16 and 8-bit caches, on class-incremental Split Fashion-MNIST.
 
 Every variant starts from one base session (trained once, all parameters) and trains the same incremental
@@ -13,7 +13,11 @@ start; on CUDA, the peak of ``torch.cuda.max_memory_allocated`` (the cache lives
     python benchmarks/prefix_cache.py --model resnet18 --width 20 --train_per_class 500
     python benchmarks/prefix_cache.py --model small_cnn --width 16 --train_per_class 1000 --min_flops 0
     # the 32×32 ResNet-18 (full width; Fashion-MNIST padded to 32×32 and repeated to 3 channels, CIFAR's shape)
-    python benchmarks/prefix_cache.py --model resnet18 --width 64 --size 32 --channels 3 --train_per_class 100
+    python benchmarks/prefix_cache.py --model resnet18 --width 64 --size 32 --channels 3 --train_per_class 300 \
+        --test_per_class 100 --variants off,float32,int8
+    # MobileNetV2 (width 0.5) on the same inputs
+    python benchmarks/prefix_cache.py --model mobilenet_v2 --width 0.5 --size 32 --channels 3 \
+        --train_per_class 300 --test_per_class 100 --variants off,float32,int8
     # on a GPU, the same in one short script
     python benchmarks/prefix_cache.py --model resnet18 --width 64 --size 32 --channels 3 --device cuda
 """

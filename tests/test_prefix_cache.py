@@ -240,7 +240,8 @@ def test_options_are_validated_with_the_allowed_values():
             PrefixCacheConfig(prefix_cache_min_flops=bad)
 
 
-@pytest.mark.parametrize("precision,error", [("float32", 0.0), ("float16", 2.0**-11), ("int8", 0.5 / 127 * (1 + 2.0**-7))])
+@pytest.mark.parametrize("precision,error",
+                         [("float32", 0.0), ("float16", 2.0**-11), ("int8", 0.5 / 127 * (1 + 2.0**-7))])
 def test_the_store_rounds_within_its_precision_and_spots_a_changed_sample(precision, error):
     # channels of very different magnitudes, one near zero
     x = torch.relu(torch.randn(6, 4, 4, 4)) * torch.tensor([1.0, 10.0, 100.0, 1e-4]).reshape(1, 4, 1, 1)

@@ -295,7 +295,8 @@ class CSKLPlugin(PrototypeReplayHooks, supports_distributed=True):
             ``prototype_replay``, ``head``, ``record_batches``, ...), of
             :class:`~lightning_cskl.core.prefix_cache.PrefixCacheConfig` (``prefix_cache``,
             ``prefix_cache_precision``, ``prefix_cache_min_flops``) and of
-            :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``, ``layers``, ...), which document them; all are published in this signature. ``prototype_replay="auto"``
+            :class:`~lightning_cskl.core.CenterKernelConfig` (``channel_ratio``, ``layers``, ...), which document
+            them; all are published in this signature. ``prototype_replay="auto"``
             (default) is on for single-head models and off for Avalanche ``MultiTaskModule`` models;
             ``statistics_head="auto"`` (default) is ``"qda"`` for single-head models and None for
             ``MultiTaskModule`` ones.

@@ -27,7 +27,8 @@ from torch.utils.hooks import RemovableHandle
 if TYPE_CHECKING:
     from .drift import DriftMap
 
-__all__ = ["ClassMoments", "DEFAULT_STATISTICS_RULE", "STATISTICS_RULES", "StatisticsHead", "StatisticsRule", "UNSEEN_CLASS_SCORE"]
+__all__ = ["ClassMoments", "DEFAULT_STATISTICS_RULE", "STATISTICS_RULES", "StatisticsHead", "StatisticsRule",
+           "UNSEEN_CLASS_SCORE"]
 
 StatisticsRule = Literal["lda", "ncm", "qda"]
 STATISTICS_RULES = ("lda", "ncm", "qda")
@@ -151,7 +152,8 @@ class StatisticsHead:
 
     def __init__(self, rule: StatisticsRule = "lda", shrinkage: Optional[float] = None, power: float = 1.0) -> None:
         if rule not in STATISTICS_RULES:
-            raise ValueError(f"statistics_head={rule!r} is not allowed: use one of {', '.join(map(repr, STATISTICS_RULES))}")
+            allowed = ", ".join(map(repr, STATISTICS_RULES))
+            raise ValueError(f"statistics_head={rule!r} is not allowed: use one of {allowed}")
         if shrinkage is None:
             shrinkage = QDA_SHRINKAGE if rule == "qda" else 1e-4
         if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0.0 <= shrinkage <= 1.0:
