@@ -126,9 +126,9 @@ def record_loader(strategy: SupervisedTemplate, record_batches: Optional[int], i
     dataset = strategy.experience.dataset.eval()
     if indexed:
         dataset = with_sample_index(dataset)
-    # BatchNorm is in eval mode here, so the batch size only sets the speed; the training batch size, as the
-    # Lightning door reads the training loader: a prefix cache checks the pass's first batch by recomputing it,
-    # and on a small experience a large eval batch would be all of the pass
+    # BatchNorm is in eval mode here, so the batch size sets only the speed. The training one, as in the Lightning
+    # door: a prefix cache recomputes each pass's first batch to check it, and a large eval batch would make that
+    # the whole pass on a small experience
     batch_size = strategy.train_mb_size or strategy.eval_mb_size or 1
     generator = torch.Generator().manual_seed(0) if record_batches is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=record_batches is not None, generator=generator,
