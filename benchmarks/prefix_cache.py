@@ -3,7 +3,10 @@ and ACC, uncached against the float32, float16 and 8-bit caches, on class-increm
 
 Every variant starts from one base session (trained once, all parameters) and trains the same incremental
 experiences with CSKLStrategy's defaults (what ``cskl run`` runs); only ``prefix_cache`` /
-``prefix_cache_precision`` differ. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the 6th
+``prefix_cache_precision`` differ. A variant named after a method of
+:data:`~lightning_cskl.experiments.baselines.METHODS` (``slda_qda``: the same QDA head on the frozen base, no
+backward; ``head_replay``: the head alone trained with prototype replay) runs that method from the same base
+session: the cheapest honest baselines, in the same process. FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the 6th
 step (in a shorter epoch, its last full batch) of the first epoch (the prefix runs and fills the cache) and of the
 last epoch (it reads the cache) of the last experience, against one full fine-tuning step of the same network on a
 batch of the same size. Peak memory is the process's peak resident set over each variant's incremental experiences
@@ -90,10 +93,12 @@ class Probe(SupervisedPlugin):
             self.flops[self._counted] = int(self._counter.get_total_flops())
             self._counter = None
 
-    def after_training_exp(self, strategy, *args, **kwargs):
+    def after_training(self, strategy, *args, **kwargs):
+        # after every plugin's after_training_exp (a method's own task-end pass included, whatever the order)
         if self._incremental(strategy):
             self.tasks.append(time.perf_counter() - self._task_start)
-            self.cache.append(dict(strategy.cskl.prefix_cache.last_task))
+            cskl = getattr(strategy, "cskl", None)  # a baseline method has no prefix cache
+            self.cache.append(dict(cskl.prefix_cache.last_task) if cskl is not None else {})
 
 
 def _resident_mib(field: str) -> float:
@@ -156,7 +161,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--root", default="data")
-    parser.add_argument("--variants", default="off,float32,float16,int8")
+    parser.add_argument("--variants", default="off,float32,float16,int8",
+                        help="off, float32, float16, int8, or a method of experiments.baselines.METHODS")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min_flops", type=float, default=DEFAULT_MIN_FLOPS,
@@ -199,12 +205,13 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         probe = Probe(last)
-        options = ({"prefix_cache": "off"} if variant == "off" else
+        method = variant if variant in METHODS else None  # a baseline beside the cache: slda_qda, head_replay
+        options = ({} if method else {"prefix_cache": "off"} if variant == "off" else
                    {"prefix_cache_precision": variant, "prefix_cache_min_flops": args.min_flops})
         start_mib = reset_peak(device)
         began = time.perf_counter()
-        result = run_continual(benchmark, lambda evaluator: build(evaluator, plugins=[probe], **options), base=base,
-                               progress=False)
+        result = run_continual(benchmark, lambda evaluator: build(evaluator, method, plugins=[probe], **options),
+                               base=base, progress=False)
         seconds = time.perf_counter() - began
         top_mib = peak_mib(device)
         first = [s for e, s in probe.epochs if e == 0]
@@ -213,7 +220,7 @@ def main() -> None:
             "variant": variant, "acc": result.summary["acc"], "forgetting": result.summary["forgetting"],
             "flops_first": probe.flops.get("first_epoch", 0) / full,
             "flops_later": probe.flops.get("last_epoch", 0) / full,
-            "epoch1_s": sum(first) / len(first), "later_epoch_s": sum(later) / len(later),
+            "epoch1_s": sum(first) / max(len(first), 1), "later_epoch_s": sum(later) / max(len(later), 1),
             "task_s": sum(probe.tasks) / len(probe.tasks), "bytes": max(c.get("bytes", 0) for c in probe.cache),
             "cut": probe.cache[-1].get("cut"), "reason": probe.cache[-1].get("reason", ""), "run_s": seconds,
             "flops_per_value": probe.cache[-1].get("flops_per_value"), "start_mib": start_mib, "peak_mib": top_mib,
